@@ -1,0 +1,1 @@
+"""The `dforge` command line."""

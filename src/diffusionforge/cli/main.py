@@ -1,0 +1,51 @@
+"""`dforge`: train, sample and list presets.
+
+Every user error (bad config key, missing file, wrong checkpoint) is a
+``DForgeError``: printed as one line ``dforge: error: ...`` with exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from ..errors import DForgeError
+
+EXAMPLES = """examples:
+  dforge train                                   # default preset, class-conditional Fashion-MNIST
+  dforge train tiny trainer.max_steps=50         # a preset or YAML file, then key=value overrides
+  dforge train --resume runs/fashion-ddpm-20261123-101500
+  dforge sample runs/fashion-ddpm-20261123-101500 --num 64 --sampler ddim --steps 50 --guidance 2 --out grid.png
+  dforge presets
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import presets, sample, train
+
+    parser = argparse.ArgumentParser(
+        prog="dforge", description="Train, sample and evaluate diffusion models.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (train, sample, presets):
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except DForgeError as err:
+        print(f"dforge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""`dforge train [CONFIG] [key=value ...]` and `dforge train --resume RUN_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+
+import lightning as L
+
+from ..build import build_datamodule, build_model
+from ..errors import ConfigError
+from ..runs import (CONFIG_FILE, create_run_dir, export_weights, last_checkpoint, open_run,
+                    run_dir_for_workers, write_json, write_text_atomic)
+from ..config.loader import config_to_yaml, load_config
+
+DESCRIPTION = """Train a model. With no CONFIG the default preset (class-conditional
+DDPM on the embedded Fashion-MNIST subset) runs. CONFIG is a preset name
+(see `dforge presets`) or a YAML file; key=value overrides follow it, e.g.
+trainer.max_steps=500 data.batch_size=64 model.unet.model_channels=32."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="train a model", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]",
+                   help="preset name or YAML file, then overrides")
+    p.add_argument("--resume", metavar="RUN_DIR", default=None,
+                   help="continue RUN_DIR from checkpoints/last.ckpt (overrides may extend it, "
+                        "e.g. trainer.max_steps=6000)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(handler=run)
+
+
+def split_args(args: list[str]) -> tuple[str | None, list[str]]:
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def run(args: argparse.Namespace) -> int:
+    source, overrides = split_args(args.args)
+    if args.resume:
+        if source is not None:
+            raise ConfigError(f"--resume takes its config from the run; drop '{source}'")
+        run_dir, config = open_run(args.resume, overrides)
+        ckpt = last_checkpoint(run_dir)
+        write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(config))
+    else:
+        config = load_config(source or "fashion-ddpm", overrides)
+        ckpt = None
+    datamodule = build_datamodule(config)
+    datamodule.setup("fit")  # data errors surface before a run directory is made
+    model = build_model(config, datamodule.num_classes)
+    if ckpt is None:
+        run_dir, config = create_run_dir(config)
+    model.sample_dir = run_dir / "samples"
+    return fit(config, model, datamodule, run_dir, ckpt, progress=not args.no_progress)
+
+
+def fit(config, model, datamodule, run_dir, ckpt, progress: bool) -> int:
+    from ..training import make_trainer
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    trainer = make_trainer(config, run_dir, progress=progress)
+    start = time.time()
+    with run_dir_for_workers(run_dir):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    wall = time.time() - start
+    if not trainer.is_global_zero:
+        return 0
+    export_weights(model, run_dir)
+    grid = model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = {"wall_time_s": round(wall, 1), "global_step": trainer.global_step,
+               "resumed_from_step": model.start_step, "peak_rss_mb": round(peak_mb, 1)}
+    write_json(run_dir / "train_summary.json", summary)
+    print(f"run dir: {run_dir}\nsamples: {grid}\n"
+          f"steps {model.start_step} -> {trainer.global_step} in {wall:.0f} s, "
+          f"peak memory {peak_mb:.0f} MB", file=sys.stderr)
+    return 0

@@ -1,0 +1,117 @@
+"""Load an experiment config: defaults <- YAML (file or preset) <- overrides.
+
+OmegaConf merges YAML and ``key.sub=value`` overrides onto the typed
+``ExperimentConfig``; it rejects unknown keys and values of the wrong type.
+Each component's ``__post_init__`` then checks ranges. Every failure becomes
+a one-line ``ConfigError`` that names the full key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ..errors import ConfigError, DForgeError
+from .schema import ExperimentConfig
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+def list_presets() -> dict[str, Path]:
+    """Shipped preset name -> YAML path."""
+    return {p.stem: p for p in sorted(PRESET_DIR.glob("*.yaml"))}
+
+
+def preset_description(path: Path) -> str:
+    """The first comment line of a preset file."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    presets = list_presets()
+    if name_or_path in presets:
+        return presets[name_or_path]
+    raise ConfigError(f"config '{name_or_path}' is neither a file nor a preset "
+                      f"(presets: {', '.join(presets)})")
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None)
+    msg = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if type(err).__name__ == "ConfigKeyError" and key:
+        return f"unknown config key '{key}'"
+    return f"config key '{key}': {msg}" if key else msg
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad override: {_one_line(err)}") from None
+
+
+def _to_object(cfg: DictConfig, prefix: str = "") -> object:
+    """Build the dataclasses, children first, so a range error names its key."""
+    for key in cfg.keys():
+        child = cfg._get_node(key)
+        if isinstance(child, DictConfig) and OmegaConf.get_type(child) not in (dict, None):
+            _to_object(child, f"{prefix}{key}.")
+    try:
+        return OmegaConf.to_object(cfg)
+    except DForgeError as err:
+        raise ConfigError(_prefix_key(str(err), prefix)) from None
+    except (ValueError, TypeError) as err:
+        raise ConfigError(_prefix_key(str(err).splitlines()[0], prefix)) from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+
+
+def _prefix_key(message: str, prefix: str) -> str:
+    if not prefix or message.startswith(prefix):
+        return message
+    return f"{prefix.rstrip('.')}: {message}" if prefix else message
+
+
+def load_config(name_or_path: Optional[str] = None,
+                overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Defaults, then the YAML file or preset, then the overrides."""
+    schema = OmegaConf.structured(ExperimentConfig)
+    layers = []
+    if name_or_path is not None:
+        layers.append(_load_yaml(resolve_config_path(name_or_path)))
+    layers.append(_parse_overrides(overrides))
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    config = _to_object(merged)
+    assert isinstance(config, ExperimentConfig)
+    return config
+
+
+def config_to_yaml(config: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))

@@ -1,0 +1,81 @@
+"""The experiment config: one typed dataclass tree.
+
+YAML files and ``key.sub=value`` overrides are merged onto it by
+``config.loader.load_config`` and validated before any work starts. Every
+component owns the dataclass of its own settings (``UNetConfig`` beside the
+UNet, ``GaussianDiffusionConfig`` beside the process, ...); this module only
+composes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from ..backbones.unet import UNetConfig
+from ..conditioning.class_label import ClassLabelConfig
+from ..data.datamodule import DataConfig
+from ..processes.gaussian import GaussianDiffusionConfig
+
+
+@dataclass
+class ConditioningConfig:
+    class_label: Optional[ClassLabelConfig] = None   # class-conditional model (vector)
+
+
+@dataclass
+class ModelConfig:
+    backbone: Literal["unet"] = "unet"               # which backbone config below is used
+    unet: UNetConfig = field(default_factory=UNetConfig)  # in/out channels and vector_dim are derived
+    process: GaussianDiffusionConfig = field(default_factory=GaussianDiffusionConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    first_stage: Literal["identity"] = "identity"    # pixel space; latent first stages come later
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4                       # peak AdamW learning rate
+    weight_decay: float = 0.0              # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW (beta1, beta2)
+    warmup_steps: int = 200                # linear warm-up from 0 to lr over this many optimizer steps
+    grad_clip: float = 1.0                 # clip the gradient norm to this (0 = off)
+    ema_decay: float = 0.999               # EMA of the weights used for sampling (0 = EMA is a copy)
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 3000                  # optimizer steps to train for
+    max_time: Optional[str] = None         # optional wall-clock limit "DD:HH:MM:SS"
+    accelerator: str = "auto"              # cpu | gpu | auto (Lightning)
+    devices: str = "1"                     # number of devices, a list "0,1", or "auto"
+    strategy: str = "auto"                 # auto | ddp | fsdp | ... (Lightning)
+    num_nodes: int = 1                     # nodes for multi-node DDP/FSDP
+    precision: str = "32-true"             # 32-true | bf16-mixed | 16-mixed | ...
+    accumulate_grad_batches: int = 1       # gradient accumulation
+    log_every_n_steps: int = 50            # how often metrics go to logs/metrics.csv
+    val_every_n_steps: int = 1000          # validation loss + a sample grid every N steps
+    checkpoint_every_n_steps: int = 250    # checkpoints/last.ckpt is refreshed every N steps
+    limit_val_batches: int = 4             # validation batches per validation run
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddim"   # sampler for grids and the default of `dforge sample`
+    steps: int = 50                        # sampling steps (ddpm: None-equivalent when = num_timesteps)
+    eta: float = 0.0                       # DDIM eta (0 = deterministic)
+    spacing: Literal["leading", "trailing", "linspace"] = "leading"  # timestep spacing
+    guidance: float = 2.0                  # classifier-free guidance scale (1 = off)
+    clip_denoised: bool = True             # clip predicted x0 to [-1, 1] while sampling
+    per_class: int = 8                     # samples per class in the validation grids
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "fashion-ddpm"             # run name; the default run dir is runs/<name>-<time>
+    seed: int = 0                          # seeds data split, init and sampling
+    run_dir: Optional[str] = None          # where config, checkpoints, samples and logs go
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)

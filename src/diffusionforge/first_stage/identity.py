@@ -1,0 +1,17 @@
+"""Pixel-space first stage: encode and decode are the identity.
+
+A first stage maps images ``x: (B, C, H, W)`` in [-1, 1] to latents ``z`` and
+back. Latent diffusion uses an autoencoder here; pixel-space DDPM uses this.
+"""
+
+from torch import Tensor, nn
+
+
+class IdentityFirstStage(nn.Module):
+    scale_factor: float = 1.0
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z

@@ -1,0 +1,168 @@
+"""GenerativeModel: first stage + conditioner + backbone + process, trained by Lightning.
+
+Training step (Ho et al. 2020, Algorithm 1, in the first stage's space):
+
+    z0 = E(x)            first-stage encode (identity in pixel space)
+    c  = C(batch)        cond dict; each conditioner may drop itself (CFG)
+    t ~ U{0..T-1}, eps ~ N(0, I), z_t = q_sample(z0, t, eps)
+    loss = process.training_loss(backbone(z_t, t, c), z0, z_t, t, eps)
+
+Sampling walks the process with a sampler from ``samplers.SAMPLERS`` and the
+EMA weights by default, with classifier-free guidance as a wrapper around
+the denoise callable. The module is thin: the maths lives in the process,
+the loop in the sampler, the networks in the backbone and conditioners.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from ..conditioning import Cond, ConditionerWrapper
+from ..config.schema import OptimConfig, SampleConfig
+from ..processes.gaussian import GaussianDiffusion
+from ..samplers import SAMPLERS, classifier_free_guidance
+from ..utils.images import save_grid
+
+
+@dataclass
+class SampleRequest:
+    """What to sample: a batch of conditioning inputs and how to walk the process."""
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    spacing: str = "leading"
+    guidance: float = 1.0
+    clip_denoised: bool = True
+    use_ema: bool = True
+    progress: bool = False
+
+
+class GenerativeModel(L.LightningModule):
+    def __init__(self, backbone: nn.Module, process: GaussianDiffusion,
+                 conditioner: ConditionerWrapper, first_stage: nn.Module,
+                 latent_shape: tuple[int, int, int], optim: OptimConfig,
+                 sample: SampleConfig, num_classes: Optional[int] = None,
+                 sample_dir: Optional[Path] = None):
+        super().__init__()
+        self.net = nn.ModuleDict({"backbone": backbone, "conditioner": conditioner})
+        self.process = process
+        self.first_stage = first_stage.requires_grad_(False)
+        self.latent_shape = tuple(latent_shape)  # (C, H, W) of what diffusion runs on
+        self.optim_config = optim
+        self.sample_config = sample
+        self.num_classes = num_classes
+        self.sample_dir = sample_dir
+        self.start_step = 0  # global step at which the latest fit started (or resumed)
+        decay = optim.ema_decay
+        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(decay),
+                                 use_buffers=True)
+        self.ema.requires_grad_(False)
+
+    # ----------------------------------------------------------------- training
+    def on_train_start(self) -> None:
+        self.start_step = self.global_step
+
+    def diffusion_loss(self, batch: dict) -> Tensor:
+        with torch.no_grad():
+            z0 = self.first_stage.encode(batch["image"])
+        cond = self.net["conditioner"](batch) if len(self.net["conditioner"]) else None
+        t = self.process.sample_timesteps(z0.shape[0], z0.device)
+        noise = torch.randn_like(z0)
+        z_t = self.process.q_sample(z0, t, noise)
+        output = self.net["backbone"](z_t, t, cond)
+        return self.process.training_loss(output, z0, z_t, t, noise)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.diffusion_loss(batch)
+        self.log("train/loss", losses.loss, prog_bar=True, sync_dist=False)
+        self.log("train/loss_simple", losses.loss_simple.mean())
+        if torch.is_tensor(losses.loss_vlb):
+            self.log("train/loss_vlb", losses.loss_vlb.mean())
+        return losses.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.ema.update_parameters(self.net)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val/loss", self.diffusion_loss(batch).loss, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.sample_dir is not None and self.trainer.is_global_zero:
+            self.write_sample_grid(self.sample_dir / f"step_{self.global_step:07d}.png")
+
+    def configure_optimizers(self):
+        cfg = self.optim_config
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                      weight_decay=cfg.weight_decay)
+        warmup = max(1, cfg.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ----------------------------------------------------------------- sampling
+    def sampling_net(self, use_ema: bool = True) -> nn.ModuleDict:
+        return self.ema.module if use_ema else self.net
+
+    @torch.no_grad()
+    def sample(self, batch: dict, num: int, request: SampleRequest,
+               generator: Optional[torch.Generator] = None,
+               known_mask: Optional[Tensor] = None,
+               x0_known: Optional[Tensor] = None) -> Tensor:
+        """Generate ``num`` images (num, C, H, W) in [-1, 1].
+
+        batch: conditioning inputs keyed like a training batch (e.g.
+        ``{"class_label": (num,)}``); empty for an unconditional model.
+        """
+        net = self.sampling_net(request.use_ema)
+        was_training = net.training
+        net.eval()
+        try:
+            cond, uncond = self._conditions(net, batch)
+            denoise = net["backbone"]
+            if cond is not None and request.guidance != 1.0:
+                denoise = classifier_free_guidance(denoise, request.guidance, uncond)
+            x_T = torch.randn((num, *self.latent_shape), generator=generator,
+                              device=self.device)
+            kwargs = dict(num_steps=request.steps, spacing=request.spacing,
+                          clip_denoised=request.clip_denoised, generator=generator,
+                          known_mask=known_mask, x0_known=x0_known, progress=request.progress)
+            if request.sampler == "ddim":
+                kwargs["eta"] = request.eta
+            out = SAMPLERS[request.sampler](denoise, self.process, x_T, cond, **kwargs)
+            return self.first_stage.decode(out.sample).clamp(-1, 1)
+        finally:
+            net.train(was_training)
+
+    @staticmethod
+    def _conditions(net: nn.ModuleDict, batch: dict) -> tuple[Optional[Cond], Optional[Cond]]:
+        conditioner = net["conditioner"]
+        if not len(conditioner):
+            return None, None
+        return conditioner(batch), conditioner(batch, force_uncond=True)
+
+    def grid_batch(self, per_class: int) -> tuple[dict, int, int]:
+        """Conditioning for a grid: one row per class (or 8x8 unconditional)."""
+        if self.num_classes:
+            labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(per_class)
+            return {"class_label": labels}, len(labels), per_class
+        return {}, per_class * per_class, per_class
+
+    def write_sample_grid(self, path: Path, seed: int = 0) -> Path:
+        cfg = self.sample_config
+        batch, num, nrow = self.grid_batch(cfg.per_class)
+        request = SampleRequest(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
+                                spacing=cfg.spacing, guidance=cfg.guidance,
+                                clip_denoised=cfg.clip_denoised)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        images = self.sample(batch, num, request, generator=generator)
+        save_grid(images, path, nrow=nrow)
+        save_grid(images, path.parent / "latest.png", nrow=nrow)
+        return path

@@ -1,0 +1,33 @@
+"""The Lightning Trainer of an experiment, configured from ``TrainerConfig``.
+
+Lightning owns the loop, devices, precision, accumulation, clipping,
+checkpointing, logging and DDP/FSDP; this module only translates config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from .config.schema import ExperimentConfig
+
+
+def make_trainer(config: ExperimentConfig, run_dir: Path, progress: bool = True) -> L.Trainer:
+    t = config.trainer
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
+                                 every_n_train_steps=t.checkpoint_every_n_steps)
+    return L.Trainer(
+        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        num_nodes=t.num_nodes, precision=t.precision, max_steps=t.max_steps,
+        max_time=t.max_time, accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=config.optim.grad_clip or None,
+        log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_every_n_steps,
+        check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0, default_root_dir=run_dir,
+        logger=CSVLogger(run_dir, name="logs", version=""),
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        enable_progress_bar=progress, enable_model_summary=False,
+    )
