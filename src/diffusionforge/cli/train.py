@@ -74,7 +74,8 @@ def fit(config, model, datamodule, run_dir, ckpt, progress: bool) -> int:
     grid = model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {"wall_time_s": round(wall, 1), "global_step": trainer.global_step,
-               "resumed_from_step": model.start_step, "peak_rss_mb": round(peak_mb, 1)}
+               "resumed_from_step": model.start_step, "peak_rss_mb": round(peak_mb, 1),
+               "world_size": trainer.world_size}
     write_json(run_dir / "train_summary.json", summary)
     print(f"run dir: {run_dir}\nsamples: {grid}\n"
           f"steps {model.start_step} -> {trainer.global_step} in {wall:.0f} s, "
