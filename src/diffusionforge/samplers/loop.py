@@ -1,0 +1,120 @@
+"""The loop every sampler shares: progress, callbacks, intermediates, inpainting.
+
+A sampler is a plain function that builds a ``step(x, i, t, t_next)``
+closure and hands it to ``sampling_loop`` with the ``(t, t_next)`` pairs to
+visit (k-diffusion style; no scheduler state to set beforehand).
+
+Notation
+
+    =============  ========================================================
+    denoise        DenoiseFn: (x_t (B, C, H, W), t (B,) long, cond) -> output
+    t, t_next      timesteps (indices of the process) of x before/after a step;
+                   -1 stands for "data" (abar = 1)
+    known_mask     (B or 1, 1 or C, H, W), 1 = pixel known from ``x0_known``
+    x0_known       (B, C, H, W) image whose known pixels are kept
+    =============  ========================================================
+
+Mask inpainting (Rombach et al. 2022, LDM ``p_sample_loop``; Lugmayr et al.
+2022 without resampling): before the step at ``t`` the known region of x is
+replaced by ``q_sample(x0_known, t, noise)``; after the last step by
+``x0_known`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from diffusionforge.processes.gaussian import GaussianDiffusion
+
+Cond = Optional[Dict[str, Tensor]]
+DenoiseFn = Callable[[Tensor, Tensor, Cond], Tensor]
+# callback(i, t, x, pred_x0) after each step: step index, timestep, new x, predicted x0.
+Callback = Callable[[int, int, Tensor, Tensor], None]
+
+
+class StepOutput(NamedTuple):
+    """One sampler step; both ``(B, C, H, W)``."""
+
+    prev_sample: Tensor  # x at t_next
+    pred_x0: Tensor  # the x0 the step used
+
+
+class SampleOutput(NamedTuple):
+    """A finished chain."""
+
+    sample: Tensor  # (B, C, H, W) final x
+    intermediates: List[Tensor]  # x after each step, when asked for; else []
+
+
+StepFn = Callable[[Tensor, int, int, int], StepOutput]
+
+
+def randn(shape_like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """Standard normal noise shaped like ``shape_like``, drawn from ``generator`` (on its device)."""
+    return torch.randn(shape_like.shape, generator=generator, device=shape_like.device, dtype=shape_like.dtype)
+
+
+def batch_t(t: int, x: Tensor) -> Tensor:
+    """``t`` as a LongTensor ``(B,)`` on x's device."""
+    return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+
+
+def call_denoise(denoise: DenoiseFn, process: GaussianDiffusion, x: Tensor, t: int, cond: Cond) -> Tensor:
+    """Run the backbone at process step ``t``, passing it the original timestep."""
+    return denoise(x, process.timestep_map[batch_t(t, x)], cond)
+
+
+def descending_pairs(timesteps: Tensor) -> List[Tuple[int, int]]:
+    """``[(t_0, t_1), ..., (t_{n-1}, -1)]`` from a descending ``timesteps: (n,)``."""
+    ts = [int(s) for s in timesteps]
+    return list(zip(ts, ts[1:] + [-1]))
+
+
+def _check_mask(known_mask: Optional[Tensor], x0_known: Optional[Tensor], x: Tensor) -> None:
+    if (known_mask is None) != (x0_known is None):
+        raise ValueError("known_mask and x0_known must be given together")
+    if known_mask is not None:
+        if known_mask.ndim != x.ndim or x0_known.shape != x.shape:
+            shapes = f"known_mask {tuple(known_mask.shape)}, x0_known {tuple(x0_known.shape)}"
+            raise ValueError(f"{shapes} do not fit x {tuple(x.shape)}")
+        torch.broadcast_shapes(known_mask.shape, x.shape)
+
+
+def _paste(x: Tensor, known: Tensor, mask: Tensor) -> Tensor:
+    """Known pixels from ``known`` where ``mask`` is 1, the rest from ``x``."""
+    return mask * known + (1.0 - mask) * x
+
+
+def sampling_loop(
+    step: StepFn,
+    process: GaussianDiffusion,
+    x: Tensor,
+    pairs: Sequence[Tuple[int, int]],
+    *,
+    generator: Optional[torch.Generator] = None,
+    known_mask: Optional[Tensor] = None,
+    x0_known: Optional[Tensor] = None,
+    callback: Optional[Callback] = None,
+    progress: bool = True,
+    return_intermediates: bool = False,
+    desc: str = "sampling",
+) -> SampleOutput:
+    """Walk ``x: (B, C, H, W)`` through ``step`` over the ``(t, t_next)`` pairs."""
+    _check_mask(known_mask, x0_known, x)
+    intermediates: List[Tensor] = []
+    for i, (t, t_next) in enumerate(tqdm(pairs, desc=desc, disable=not progress)):
+        if known_mask is not None:  # noise the known region to level t (LDM p_sample_loop)
+            x = _paste(x, process.q_sample(x0_known, batch_t(t, x), randn(x, generator)), known_mask)
+        out = step(x, i, t, t_next)
+        x = out.prev_sample
+        if known_mask is not None and i == len(pairs) - 1:
+            x = _paste(x, x0_known, known_mask)
+        if callback is not None:
+            callback(i, t, x, out.pred_x0)
+        if return_intermediates:
+            intermediates.append(x)
+    return SampleOutput(x, intermediates)

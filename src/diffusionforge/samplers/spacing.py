@@ -1,0 +1,47 @@
+"""Which of the ``T`` training timesteps a sampler visits.
+
+The three rules of Lin et al. 2024 ("Common Diffusion Noise Schedules and
+Sample Steps are Flawed"), Table 2, with diffusers' ``timestep_spacing``
+semantics exactly (the tests compare against ``DDIMScheduler.timesteps``):
+
+    ========  ==================================================  ===========
+    leading   arange(0, n) * (T // n) + steps_offset              Song 2021
+    trailing  round(arange(T, 0, -T / n)) - 1                     Lin 2024
+    linspace  round(linspace(0, T - 1, n))                        Ho 2020
+    ========  ==================================================  ===========
+
+``T`` = ``num_train_timesteps``, ``n`` = ``num_steps``; ``steps_offset``
+applies to ``leading`` only (as in diffusers; Stable Diffusion uses 1).
+Rounding is half-to-even, as numpy's.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+Spacing = Literal["leading", "trailing", "linspace"]
+
+
+def make_timesteps(
+    num_train_timesteps: int, num_steps: int, spacing: Spacing = "leading", steps_offset: int = 0
+) -> Tensor:
+    """Descending LongTensor ``(num_steps,)`` of timesteps in ``0 .. T-1``."""
+    T, n = num_train_timesteps, num_steps
+    if not 1 <= n <= T:
+        raise ValueError(f"num_steps must be in 1..{T}, got {n}")
+    if spacing == "leading":
+        steps = np.arange(0, n) * (T // n) + steps_offset
+    elif spacing == "trailing":
+        steps = np.round(np.arange(T, 0, -T / n)) - 1
+    elif spacing == "linspace":
+        steps = np.round(np.linspace(0, T - 1, n))
+    else:
+        raise ValueError(f"spacing must be one of 'leading', 'trailing', 'linspace', got {spacing!r}")
+    steps = np.sort(steps.astype(np.int64))[::-1].copy()
+    if steps[0] >= T or steps[-1] < 0:
+        raise ValueError(f"timesteps {steps[-1]}..{steps[0]} fall outside 0..{T - 1} (steps_offset={steps_offset})")
+    return torch.from_numpy(steps)
