@@ -9,10 +9,28 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from .config.schema import ExperimentConfig
+
+
+def native_bf16() -> bool:
+    """Whether this machine runs bf16 matmuls natively (CUDA, or a CPU with AVX512-BF16/AMX)."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> bf16-mixed where bf16 is native, else 32-true; anything else as given."""
+    if precision != "auto":
+        return precision
+    return "bf16-mixed" if native_bf16() else "32-true"
 
 
 def make_trainer(config: ExperimentConfig, run_dir: Path, progress: bool = True) -> L.Trainer:
@@ -21,7 +39,7 @@ def make_trainer(config: ExperimentConfig, run_dir: Path, progress: bool = True)
                                  every_n_train_steps=t.checkpoint_every_n_steps)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
-        num_nodes=t.num_nodes, precision=t.precision, max_steps=t.max_steps,
+        num_nodes=t.num_nodes, precision=resolve_precision(t.precision), max_steps=t.max_steps,
         max_time=t.max_time, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=config.optim.grad_clip or None,
         log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_every_n_steps,

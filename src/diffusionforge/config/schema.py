@@ -50,7 +50,7 @@ class TrainerConfig:
     devices: str = "1"                     # number of devices, a list "0,1", or "auto"
     strategy: str = "auto"                 # auto | ddp | fsdp | ... (Lightning)
     num_nodes: int = 1                     # nodes for multi-node DDP/FSDP
-    precision: str = "32-true"             # 32-true | bf16-mixed | 16-mixed | ...
+    precision: str = "32-true"             # 32-true | bf16-mixed | 16-mixed | auto (bf16 where native)
     accumulate_grad_batches: int = 1       # gradient accumulation
     log_every_n_steps: int = 50            # how often metrics go to logs/metrics.csv
     val_every_n_steps: int = 1000          # validation loss + a sample grid every N steps
