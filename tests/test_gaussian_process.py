@@ -23,12 +23,7 @@ from diffusionforge.processes import (
 )
 from diffusionforge.processes.schedules import BetaScheduleName
 
-# (our schedule, diffusers beta_schedule, linear_start, linear_end)
-SCHEDULES = [
-    ("linear", "linear", 1e-4, 2e-2),
-    ("scaled_linear", "scaled_linear", 0.00085, 0.012),
-    ("cosine", "squaredcos_cap_v2", 1e-4, 2e-2),
-]
+from schedule_pairs import SCHEDULES
 
 
 def make_pair(schedule, diffusers_schedule, start, end, **config):

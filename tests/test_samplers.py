@@ -17,11 +17,8 @@ from diffusionforge.samplers import (
     sample_ddpm,
 )
 
-SCHEDULES = [
-    ("linear", "linear", 1e-4, 2e-2),
-    ("scaled_linear", "scaled_linear", 0.00085, 0.012),
-    ("cosine", "squaredcos_cap_v2", 1e-4, 2e-2),
-]
+from schedule_pairs import SCHEDULES
+
 PREDICTIONS = [("eps", "epsilon"), ("x0", "sample"), ("v", "v_prediction")]
 SHAPE = (2, 3, 8, 8)
 

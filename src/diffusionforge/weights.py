@@ -24,6 +24,9 @@ def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] |
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(state, str(tmp), metadata=metadata or {})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; weights are meant to be shared
     os.replace(tmp, path)
     return path
 
