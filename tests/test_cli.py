@@ -28,7 +28,7 @@ def assert_one_line_error(code, err, *fragments):
 def test_train_writes_a_complete_run_directory(tiny_run):
     for name in ["config.yaml", "model.safetensors", "model_raw.safetensors",
                  "checkpoints/last.ckpt", "samples/final.png", "samples/latest.png",
-                 "logs/metrics.csv", "train_summary.json"]:
+                 "logs/version_0/metrics.csv", "train_summary.json"]:
         assert (tiny_run / name).is_file(), name
     summary = json.loads((tiny_run / "train_summary.json").read_text())
     assert summary["global_step"] == 20

@@ -60,6 +60,8 @@ def test_sigkill_then_resume_continues_from_last_checkpoint(tmp_path):
     assert summary["resumed_from_step"] == killed_at
     assert summary["global_step"] == target
     assert f"max_steps: {target}" in (run_dir / "config.yaml").read_text()
+    before, after = (run_dir / "logs" / v / "metrics.csv" for v in ("version_0", "version_1"))
+    assert before.is_file() and after.is_file()  # the resume kept the killed run's logs
     assert (run_dir / "model.safetensors").is_file()
 
 

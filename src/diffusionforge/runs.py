@@ -7,7 +7,7 @@ A run directory holds::
     model.safetensors       EMA weights for sampling
     model_raw.safetensors   the trained (non-EMA) weights
     samples/                PNG grids written during validation and at the end
-    logs/metrics.csv        training/validation curves
+    logs/version_N/         metrics.csv of each fit (a resume adds a version)
     train_summary.json      wall time, steps and peak memory of the last fit
 """
 

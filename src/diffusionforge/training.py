@@ -45,7 +45,7 @@ def make_trainer(config: ExperimentConfig, run_dir: Path, progress: bool = True)
         log_every_n_steps=t.log_every_n_steps, val_check_interval=t.val_every_n_steps,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=0, default_root_dir=run_dir,
-        logger=CSVLogger(run_dir, name="logs", version=""),
+        logger=CSVLogger(run_dir, name="logs"),  # logs/version_N: a resume never erases earlier logs
         callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
         enable_progress_bar=progress, enable_model_summary=False,
     )
