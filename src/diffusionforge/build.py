@@ -63,6 +63,7 @@ def build_model(config: ExperimentConfig, num_classes: Optional[int] = None,
         conditioner=conditioner, first_stage=FIRST_STAGES[config.model.first_stage](),
         latent_shape=(config.data.channels, size, size), optim=config.optim,
         sample=config.sample, num_classes=class_cfg.num_classes if class_cfg else None,
+        class_key=class_cfg.input_key if class_cfg else "class_label",
         sample_dir=sample_dir)
 
 

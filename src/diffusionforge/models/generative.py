@@ -49,7 +49,7 @@ class GenerativeModel(L.LightningModule):
                  conditioner: ConditionerWrapper, first_stage: nn.Module,
                  latent_shape: tuple[int, int, int], optim: OptimConfig,
                  sample: SampleConfig, num_classes: Optional[int] = None,
-                 sample_dir: Optional[Path] = None):
+                 class_key: str = "class_label", sample_dir: Optional[Path] = None):
         super().__init__()
         self.net = nn.ModuleDict({"backbone": backbone, "conditioner": conditioner})
         self.process = process
@@ -58,6 +58,7 @@ class GenerativeModel(L.LightningModule):
         self.optim_config = optim
         self.sample_config = sample
         self.num_classes = num_classes
+        self.class_key = class_key  # batch key the class conditioner reads
         self.sample_dir = sample_dir
         self.start_step = 0  # global step at which the latest fit started (or resumed)
         decay = optim.ema_decay
@@ -152,7 +153,7 @@ class GenerativeModel(L.LightningModule):
         """Conditioning for a grid: one row per class (or 8x8 unconditional)."""
         if self.num_classes:
             labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(per_class)
-            return {"class_label": labels}, len(labels), per_class
+            return {self.class_key: labels}, len(labels), per_class
         return {}, per_class * per_class, per_class
 
     def write_sample_grid(self, path: Path, seed: int = 0) -> Path:
