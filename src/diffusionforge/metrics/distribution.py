@@ -1,0 +1,76 @@
+"""FID and KID on any feature network, through torchmetrics.
+
+Frechet distance (Heusel et al. 2017, Eq. 6) between Gaussians fitted to
+the features of real (r) and generated (g) images:
+
+    FID = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))
+
+Kernel Inception Distance (Binkowski et al. 2018): the unbiased MMD^2 with
+the cubic polynomial kernel k(x, y) = (x.y / d + 1)^3, averaged over subsets.
+
+torchmetrics owns both computations; this module adapts a feature network
+that takes our images (float (B, C, H, W) in [-1, 1]) to the uint8 input
+torchmetrics feeds its feature extractor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.kid import KernelInceptionDistance
+
+
+class FeatureAdapter(nn.Module):
+    """uint8 (B, C, H, W) from torchmetrics -> ``network.features`` on [-1, 1] -> (B, D)."""
+
+    def __init__(self, network: nn.Module, num_features: int):
+        super().__init__()
+        self.network = network.eval()
+        self.num_features = num_features
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float() / 127.5 - 1.0
+        return self.network.features(x).double()
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """(B, C, H, W) in [-1, 1] -> uint8, the rounding a saved PNG would apply."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@dataclass
+class DistributionScores:
+    fid: float
+    kid_mean: float
+    kid_std: float
+
+
+class DistributionMetrics:
+    """Accumulate real and generated images, then compute FID and KID."""
+
+    def __init__(self, network: nn.Module, num_features: int,
+                 image_shape: tuple[int, int, int], kid_subset_size: int = 1000):
+        adapter = FeatureAdapter(network, num_features)
+        self.fid = FrechetInceptionDistance(feature=adapter, input_img_size=image_shape,
+                                            reset_real_features=False)
+        self.kid = KernelInceptionDistance(feature=adapter, subset_size=kid_subset_size,
+                                           reset_real_features=False)
+        self.kid_subset_size = kid_subset_size
+
+    def update(self, images: Tensor, real: bool) -> None:
+        """images: (B, C, H, W) in [-1, 1]."""
+        batch = to_uint8(images)
+        self.fid.update(batch, real=real)
+        self.kid.update(batch, real=real)
+
+    def compute(self) -> DistributionScores:
+        n_fake = sum(len(x) for x in self.kid.fake_features)
+        n_real = sum(len(x) for x in self.kid.real_features)
+        self.kid.subset_size = min(self.kid_subset_size, n_fake, n_real)
+        kid_mean, kid_std = self.kid.compute()
+        return DistributionScores(fid=float(self.fid.compute()), kid_mean=float(kid_mean),
+                                  kid_std=float(kid_std))
