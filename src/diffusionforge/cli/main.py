@@ -23,13 +23,13 @@ EXAMPLES = """examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import presets, sample, train
+    from . import evaluate, presets, sample, train
 
     parser = argparse.ArgumentParser(
         prog="dforge", description="Train, sample and evaluate diffusion models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, sample, presets):
+    for module in (train, sample, evaluate, presets):
         module.add_parser(sub)
     return parser
 

@@ -51,17 +51,22 @@ def class_labels(num: int, num_classes: int | None, class_label: int | None) -> 
     return torch.arange(num) % num_classes
 
 
+def request_from_args(args: argparse.Namespace, config) -> SampleRequest:
+    """The sampling request of --sampler/--steps/--eta/--guidance/--raw, defaults from the run."""
+    if args.steps > config.model.process.num_timesteps:
+        raise ConfigError(f"--steps {args.steps} exceeds the process's "
+                          f"{config.model.process.num_timesteps} timesteps")
+    return SampleRequest(
+        sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=config.sample.spacing,
+        guidance=config.sample.guidance if args.guidance is None else args.guidance,
+        clip_denoised=config.sample.clip_denoised, use_ema=not args.raw)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.num < 1 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--num, --steps and --batch-size must be >= 1")
     model, config = load_run_model(args.run_dir, use_ema=not args.raw)
-    if args.steps > config.model.process.num_timesteps:
-        raise ConfigError(f"--steps {args.steps} exceeds the process's "
-                          f"{config.model.process.num_timesteps} timesteps")
-    request = SampleRequest(
-        sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=config.sample.spacing,
-        guidance=config.sample.guidance if args.guidance is None else args.guidance,
-        clip_denoised=config.sample.clip_denoised, use_ema=not args.raw)
+    request = request_from_args(args, config)
     labels = class_labels(args.num, model.num_classes, args.class_label)
     generator = torch.Generator().manual_seed(args.seed)
     chunks = []
