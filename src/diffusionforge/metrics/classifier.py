@@ -35,8 +35,8 @@ CLASSIFIER_FILES: dict[str, str] = {  # name -> file in WEIGHTS_DIR
     "mnist": "classifier_mnist.safetensors",
 }
 CLASSIFIER_SHA256: dict[str, str] = {  # name -> sha256 of the shipped file (see weights/README.md)
-    "fashion-mnist": "",
-    "mnist": "",
+    "fashion-mnist": "54cac3d0e89b98d300b0f4f0edffe36a64d52236d5e2a6367d890718d5a8adb4",
+    "mnist": "9517bfc4a8ae870757ffba3cbee6e5a019d64792dba0e16a9ea5dadbb0c8d172",
 }
 
 
@@ -44,10 +44,10 @@ CLASSIFIER_SHA256: dict[str, str] = {  # name -> sha256 of the shipped file (see
 class ClassifierConfig:
     channels: int = 1  # input image channels
     num_classes: int = 10  # size of the logit vector
-    widths: tuple[int, ...] = (32, 64, 128)  # conv width per stage; a 2x2 max-pool between stages
+    widths: tuple[int, ...] = (32, 64, 128, 128)  # conv width per stage; a 2x2 max-pool between stages
     convs_per_stage: int = 1  # conv-BN-ReLU layers in each stage
     feature_dim: int = 128  # width of the penultimate layer returned by ``features``
-    dropout: float = 0.2  # dropout on the features before the linear head (training only)
+    dropout: float = 0.1  # dropout on the features before the linear head (training only)
 
 
 def conv_bn_relu(c_in: int, c_out: int) -> nn.Sequential:
@@ -66,7 +66,7 @@ class SmallClassifier(nn.Module):
         c_in = config.channels
         for i, width in enumerate(config.widths):
             if i > 0:
-                layers.append(nn.MaxPool2d(2))  # 28 -> 14 -> 7
+                layers.append(nn.MaxPool2d(2))  # 28 -> 14 -> 7 -> 3: the last stage sees the whole image
             for _ in range(config.convs_per_stage):
                 layers.append(conv_bn_relu(c_in, width))
                 c_in = width
