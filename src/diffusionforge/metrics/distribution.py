@@ -67,10 +67,13 @@ class DistributionMetrics:
         self.fid.update(batch, real=real)
         self.kid.update(batch, real=real)
 
-    def compute(self) -> DistributionScores:
+    def compute(self, seed: int = 0) -> DistributionScores:
+        """FID and KID; KID's random subsets are drawn from ``seed`` so repeats agree."""
         n_fake = sum(len(x) for x in self.kid.fake_features)
         n_real = sum(len(x) for x in self.kid.real_features)
         self.kid.subset_size = min(self.kid_subset_size, n_fake, n_real)
-        kid_mean, kid_std = self.kid.compute()
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            kid_mean, kid_std = self.kid.compute()
         return DistributionScores(fid=float(self.fid.compute()), kid_mean=float(kid_mean),
                                   kid_std=float(kid_std))

@@ -1,0 +1,32 @@
+"""`dforge evaluate`: numbers plus the full protocol, and the same numbers twice."""
+
+import json
+
+from diffusionforge.cli.main import main
+from diffusionforge.metrics import classifier_sha256
+
+
+def test_evaluate_records_protocol_and_repeats_exactly(tiny_run, tmp_path, capsys):
+    outs = [tmp_path / "m1.json", tmp_path / "m2.json"]
+    for out in outs:
+        code = main(["evaluate", str(tiny_run), "--num", "20", "--steps", "3", "--guidance", "2",
+                     "--seed", "5", "--batch-size", "10", "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+    first, second = (json.loads(p.read_text()) for p in outs)
+    assert first["metrics"] == second["metrics"] and first["protocol"] == second["protocol"]
+    assert first["timing"]["seconds_per_image"] > 0
+    metrics, protocol = first["metrics"], first["protocol"]
+    assert metrics["fid"] > 0 and 0 <= metrics["class_accuracy"] <= 1
+    assert protocol["num_samples"] == 20 and protocol["steps"] == 3
+    assert protocol["guidance"] == 2.0 and protocol["seed"] == 5 and protocol["weights"] == "ema"
+    assert protocol["features"] == "classifier/fashion-mnist"
+    assert protocol["features_sha256"] == classifier_sha256("fashion-mnist")
+    assert protocol["reference_split"] == "fashion-mnist-embedded/test"
+    assert protocol["reference_size"] == 10000
+    assert protocol["package_version"] and protocol["git_commit"]
+
+
+def test_evaluate_missing_run_is_one_line_error(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert "run directory not found" in err and "Traceback" not in err
