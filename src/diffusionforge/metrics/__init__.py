@@ -3,6 +3,8 @@
 | module          | concept                                                          |
 |-----------------|------------------------------------------------------------------|
 | ``classifier``  | ``SmallClassifier`` CNN, its config, and the shipped weights     |
+| ``efficientnet``| ``EfficientNetLite0`` ImageNet features (1280-d) for RGB images  |
+| ``distribution``| FID and KID on any feature network (torchmetrics)                |
 """
 
 from diffusionforge.metrics.classifier import (
@@ -16,7 +18,16 @@ from diffusionforge.metrics.classifier import (
     load_classifier_file,
 )
 
+from diffusionforge.metrics.distribution import DistributionMetrics, DistributionScores
+from diffusionforge.metrics.efficientnet import (EfficientNetLite0, efficientnet_sha256,
+                                                 load_efficientnet_lite0)
+
 __all__ = [
+    "DistributionMetrics",
+    "DistributionScores",
+    "EfficientNetLite0",
+    "efficientnet_sha256",
+    "load_efficientnet_lite0",
     "CLASSIFIER_SHA256",
     "ClassifierConfig",
     "SmallClassifier",
