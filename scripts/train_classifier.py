@@ -4,7 +4,7 @@ Reproducible on CPU: the seed fixes the initial weights, the data order and
 the augmentation draws; the whole split is held in one tensor.
 
 Examples:
-    python scripts/train_classifier.py --dataset fashion-mnist --seed 0 --epochs 5 --threads 1 \\
+    python scripts/train_classifier.py --dataset fashion-mnist --seed 0 --epochs 10 --threads 2 \\
         --out src/diffusionforge/metrics/weights/classifier_fashion-mnist.safetensors
     python scripts/train_classifier.py --dataset mnist --seed 0 --epochs 15 --threads 1 \\
         --out src/diffusionforge/metrics/weights/classifier_mnist.safetensors

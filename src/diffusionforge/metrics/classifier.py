@@ -35,7 +35,7 @@ CLASSIFIER_FILES: dict[str, str] = {  # name -> file in WEIGHTS_DIR
     "mnist": "classifier_mnist.safetensors",
 }
 CLASSIFIER_SHA256: dict[str, str] = {  # name -> sha256 of the shipped file (see weights/README.md)
-    "fashion-mnist": "54cac3d0e89b98d300b0f4f0edffe36a64d52236d5e2a6367d890718d5a8adb4",
+    "fashion-mnist": "83fb1fe4209c67f103cfb70cdceac3702626f4a9e28748e3cf5ce240f0995a6a",
     "mnist": "9517bfc4a8ae870757ffba3cbee6e5a019d64792dba0e16a9ea5dadbb0c8d172",
 }
 
