@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..runs import load_run_model, write_json
-from .sample import request_from_args
+from .sample import add_sampling_arguments, request_from_args
 
 EXAMPLE = """example:
   dforge evaluate runs/fashion-ddpm-20261123-101500 --num 10000 --sampler ddim --steps 50 \\
@@ -24,18 +24,9 @@ def add_parser(sub) -> None:
                        description="Generate samples from a run and score them against the "
                                    "held-out test split.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--num", type=int, default=10000, help="samples to generate (default 10000)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="guidance scale (default: the run's sample.guidance)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    add_sampling_arguments(p, num=10000, batch_size=250)
     p.add_argument("--features", choices=["fashion-mnist", "mnist"], default=None,
                    help="feature network (default: the classifier of the run's dataset)")
-    p.add_argument("--batch-size", type=int, default=250, help="images per batch (default 250)")
-    p.add_argument("--raw", action="store_true", help="score the raw weights instead of the EMA")
     p.add_argument("--out", default=None, help="metrics file (default RUN_DIR/metrics.json)")
     p.set_defaults(handler=run)
 

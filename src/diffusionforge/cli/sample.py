@@ -19,23 +19,29 @@ EXAMPLE = """example:
       --guidance 2 --seed 0 --class 7 --out sneakers.png"""
 
 
+def add_sampling_arguments(p: argparse.ArgumentParser, num: int, batch_size: int) -> None:
+    """RUN_DIR and the options shared by `sample` and `evaluate` (read by request_from_args)."""
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `dforge train`")
+    p.add_argument("--num", type=int, default=num, help=f"number of images (default {num})")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="(default ddim)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default 0)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (default: the run's sample.guidance)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (default 0)")
+    p.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"images per forward batch (default {batch_size})")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample images from a trained run", epilog=EXAMPLE,
                        description="Sample a PNG grid from a run's exported EMA weights.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `dforge train`")
-    p.add_argument("--num", type=int, default=64, help="number of images")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (default: the run's sample.guidance)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_sampling_arguments(p, num=64, batch_size=256)
     p.add_argument("--class", dest="class_label", type=int, default=None,
                    help="class to sample (default: classes in turn)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward batch")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--out", default="samples.png", help="output PNG")
+    p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     p.set_defaults(handler=run)
 
 
