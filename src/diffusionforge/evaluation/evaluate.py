@@ -45,26 +45,35 @@ def choose_features(data_name: str, features: Optional[str]) -> str:
     return name
 
 
-def reference_images(config):
-    dataset = build_dataset(config.data.name, "test", root=config.data.root,
+def split_images(config, split: str):
+    """The ``split`` of the run's data source; a source without it is a config error."""
+    dataset = build_dataset(config.data.name, split, root=config.data.root,
                             image_size=config.data.image_size, channels=config.data.channels)
     if dataset is None:
-        raise ConfigError(f"data.name: '{config.data.name}' has no held-out test split to compare with")
+        raise ConfigError(f"data.name: '{config.data.name}' has no {split} split to compare with")
     return dataset
+
+
+def classifier_metrics(config, feature_name: str):
+    """The shipped classifier and FID/KID metrics on its features."""
+    classifier = load_classifier(feature_name)
+    shape = (config.data.channels, config.data.image_size, config.data.image_size)
+    return classifier, DistributionMetrics(classifier, classifier.config.feature_dim, shape)
+
+
+def add_images(metrics: DistributionMetrics, dataset, real: bool, batch_size: int) -> int:
+    """Feed a dataset's images to the metrics; returns how many."""
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        metrics.update(batch["image"], real=real)
+    return len(dataset)
 
 
 def evaluate_run(model: GenerativeModel, config, request: SampleRequest, num: int, seed: int,
                  features: Optional[str] = None,
                  batch_size: int = 250) -> tuple[EvalResult, EvalProtocol]:
     feature_name = choose_features(config.data.name, features)
-    classifier = load_classifier(feature_name)
-    metrics = DistributionMetrics(classifier, classifier.config.feature_dim,
-                                  (config.data.channels, config.data.image_size, config.data.image_size))
-    reference = reference_images(config)
-    n_ref = 0
-    for batch in DataLoader(reference, batch_size=batch_size):
-        metrics.update(batch["image"], real=True)
-        n_ref += len(batch["image"])
+    classifier, metrics = classifier_metrics(config, feature_name)
+    n_ref = add_images(metrics, split_images(config, "test"), True, batch_size)
     correct, sampling_seconds = 0, 0.0
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(num) % model.num_classes if model.num_classes else None
@@ -102,16 +111,9 @@ def metrics_record(result: EvalResult, protocol: EvalProtocol) -> dict:
 def real_floor(config, features: Optional[str] = None, batch_size: int = 500) -> dict:
     """FID/KID between the real train and test splits: the floor under any model's score."""
     feature_name = choose_features(config.data.name, features)
-    classifier = load_classifier(feature_name)
-    shape = (config.data.channels, config.data.image_size, config.data.image_size)
-    metrics = DistributionMetrics(classifier, classifier.config.feature_dim, shape)
-    sizes = {}
-    for split, real in (("train", False), ("test", True)):
-        dataset = build_dataset(config.data.name, split, root=config.data.root,
-                                image_size=config.data.image_size, channels=config.data.channels)
-        for batch in DataLoader(dataset, batch_size=batch_size):
-            metrics.update(batch["image"], real=real)
-        sizes[split] = len(dataset)
+    _, metrics = classifier_metrics(config, feature_name)
+    sizes = {split: add_images(metrics, split_images(config, split), split == "test", batch_size)
+             for split in ("train", "test")}
     scores = metrics.compute()
     return {"fid": scores.fid, "kid_mean": scores.kid_mean, "kid_std": scores.kid_std,
             "train_size": sizes["train"], "test_size": sizes["test"],
