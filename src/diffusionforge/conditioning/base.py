@@ -15,30 +15,48 @@ itself per sample with its own rate ``ucg_rate`` during training; how it is
 dropped (a learned null class, a zero embedding, an empty caption) is the
 conditioner's business, through ``unconditional``/``drop``.
 
+A ``crossattn`` conditioner may also say which of its L tokens are real (not
+padding) by returning ``MaskedCond(value, mask)`` with ``mask: (B, L)`` bool,
+True = may be attended.
+
 ``ConditionerWrapper`` runs every conditioner and concatenates outputs of the
 same kind: ``vector`` and ``crossattn`` along the feature dimension
-(the last), ``concat`` along channels (dim 1).
+(the last), ``concat`` along channels (dim 1). When any crossattn conditioner
+gives a mask, the cond dict also holds ``"crossattn_mask"`` (B, L): the
+logical AND of the parts' masks (a part without a mask counts as all True),
+since the parts share their L token positions.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+import itertools
+from typing import Any, Literal, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 ConditionKind = Literal["vector", "crossattn", "concat"]
 CONCAT_DIMS: dict[str, int] = {"vector": -1, "crossattn": -1, "concat": 1}
+MASKED_KINDS = ("crossattn",)  # kinds whose conditioners may return a token mask
 
 Cond = dict[str, Tensor]
+
+
+class MaskedCond(NamedTuple):
+    """A conditioner output with a token mask."""
+
+    value: Tensor  # (B, L, D)
+    mask: Tensor  # (B, L) bool, True = the token may be attended to
 
 
 class Conditioner(nn.Module):
     """One source of conditioning.
 
     Subclasses set ``kind`` and implement ``encode(value, drop)`` where
-    ``value`` is ``batch[input_key]`` and ``drop`` is a (B,) bool tensor of
-    the samples to make unconditional.
+    ``value`` is ``batch[input_key]`` (a tensor, or any sequence of B items
+    such as a list of captions) and ``drop`` is a (B,) bool tensor of the
+    samples to make unconditional. ``encode`` returns a tensor, or a
+    ``MaskedCond`` for ``crossattn`` conditioners with padding.
     """
 
     kind: ConditionKind
@@ -50,23 +68,30 @@ class Conditioner(nn.Module):
         self.input_key = input_key
         self.ucg_rate = ucg_rate
 
-    def encode(self, value: Tensor, drop: Tensor) -> Tensor:
+    def encode(self, value: Any, drop: Tensor) -> Union[Tensor, MaskedCond]:
         raise NotImplementedError
 
     def forward(self, batch: dict, *, force_uncond: bool = False,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+                generator: Optional[torch.Generator] = None) -> Union[Tensor, MaskedCond]:
         if self.input_key not in batch:
             raise KeyError(f"conditioner needs batch key '{self.input_key}'")
         value = batch[self.input_key]
-        batch_size = len(value)
+        batch_size, device = len(value), self._device_for(value)
         if force_uncond:
-            drop = torch.ones(batch_size, dtype=torch.bool, device=value.device)
+            drop = torch.ones(batch_size, dtype=torch.bool, device=device)
         elif self.training and self.ucg_rate > 0:
-            u = torch.rand(batch_size, generator=generator, device=value.device)
+            u = torch.rand(batch_size, generator=generator, device=device)
             drop = u < self.ucg_rate
         else:
-            drop = torch.zeros(batch_size, dtype=torch.bool, device=value.device)
+            drop = torch.zeros(batch_size, dtype=torch.bool, device=device)
         return self.encode(value, drop)
+
+    def _device_for(self, value: Any) -> torch.device:
+        """The device of a tensor input, else of this module's first parameter or buffer (else CPU)."""
+        if isinstance(value, Tensor):
+            return value.device
+        tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return torch.device("cpu") if tensor is None else tensor.device
 
 
 class ConditionerWrapper(nn.Module):
@@ -78,11 +103,22 @@ class ConditionerWrapper(nn.Module):
 
     def forward(self, batch: dict, *, force_uncond: bool = False) -> Cond:
         outputs: dict[str, list[Tensor]] = {}
+        masks: dict[str, list[Optional[Tensor]]] = {}
         for conditioner in self.conditioners:
             out = conditioner(batch, force_uncond=force_uncond)
+            mask = None
+            if isinstance(out, tuple):
+                if conditioner.kind not in MASKED_KINDS:
+                    raise ValueError(f"conditioner for '{conditioner.input_key}' returned a mask, but only "
+                                     f"{list(MASKED_KINDS)} outputs may have one (it is '{conditioner.kind}')")
+                out, mask = out
             outputs.setdefault(conditioner.kind, []).append(out)
-        return {kind: torch.cat(parts, dim=CONCAT_DIMS[kind])
-                for kind, parts in outputs.items()}
+            masks.setdefault(conditioner.kind, []).append(mask)
+        cond = {kind: torch.cat(parts, dim=CONCAT_DIMS[kind]) for kind, parts in outputs.items()}
+        for kind, parts in masks.items():
+            if any(m is not None for m in parts):
+                cond[f"{kind}_mask"] = _and_masks(parts, outputs[kind])
+        return cond
 
     @property
     def input_keys(self) -> list[str]:
@@ -90,3 +126,16 @@ class ConditionerWrapper(nn.Module):
 
     def __len__(self) -> int:
         return len(self.conditioners)
+
+
+def _and_masks(masks: list[Optional[Tensor]], values: list[Tensor]) -> Tensor:
+    """AND of the (B, L) masks of parts concatenated along features; a None mask is all True."""
+    merged = torch.ones(values[0].shape[:2], dtype=torch.bool, device=values[0].device)  # (B, L)
+    for mask, value in zip(masks, values):
+        if mask is None:
+            continue
+        if mask.shape != value.shape[:2]:
+            raise ValueError(f"a crossattn mask must have shape (B, L) = {tuple(value.shape[:2])}, "
+                             f"got {tuple(mask.shape)}")
+        merged = merged & mask.bool()
+    return merged

