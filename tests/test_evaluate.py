@@ -2,8 +2,12 @@
 
 import json
 
+import torch
+
 from diffusionforge.cli.main import main
 from diffusionforge.metrics import classifier_sha256
+from diffusionforge.models.generative import SampleRequest
+from diffusionforge.runs import load_run_model
 
 
 def test_evaluate_records_protocol_and_repeats_exactly(tiny_run, tmp_path, capsys):
@@ -19,6 +23,7 @@ def test_evaluate_records_protocol_and_repeats_exactly(tiny_run, tmp_path, capsy
     assert metrics["fid"] > 0 and 0 <= metrics["class_accuracy"] <= 1
     assert protocol["num_samples"] == 20 and protocol["steps"] == 3
     assert protocol["guidance"] == 2.0 and protocol["seed"] == 5 and protocol["weights"] == "ema"
+    assert protocol["precision"] == "fp32"
     assert protocol["features"] == "classifier/fashion-mnist"
     assert protocol["features_sha256"] == classifier_sha256("fashion-mnist")
     assert protocol["reference_split"] == "fashion-mnist-embedded/test"
@@ -30,3 +35,23 @@ def test_evaluate_missing_run_is_one_line_error(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "run directory not found" in err and "Traceback" not in err
+
+
+def test_bf16_sampling_is_recorded_and_close_to_fp32(tiny_run, tmp_path, capsys):
+    out = tmp_path / "bf16.json"
+    assert main(["evaluate", str(tiny_run), "--num", "10", "--steps", "2", "--precision", "bf16",
+                 "--out", str(out)]) == 0, capsys.readouterr().err
+    record = json.loads(out.read_text())
+    assert record["protocol"]["precision"] == "bf16" and record["metrics"]["fid"] > 0
+
+
+def test_bf16_autocast_changes_only_the_network_arithmetic(tiny_run):
+    model, _ = load_run_model(tiny_run)
+    batch = {model.class_key: torch.arange(4)}
+    images = {}
+    for precision in ("fp32", "bf16"):
+        request = SampleRequest(steps=3, guidance=2.0, precision=precision)
+        images[precision] = model.sample(batch, 4, request, generator=torch.Generator().manual_seed(0))
+        assert images[precision].dtype == torch.float32
+    difference = (images["fp32"] - images["bf16"]).abs()
+    assert 0 < difference.max() < 0.25 and difference.mean() < 0.02

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..metrics.features import FEATURE_NAMES
 from ..runs import load_run_model, write_json
 from .sample import add_sampling_arguments, request_from_args
 
@@ -15,7 +16,7 @@ EXAMPLE = """example:
   dforge evaluate runs/fashion-ddpm-20261123-101500 --num 10000 --sampler ddim --steps 50 \\
       --guidance 2 --seed 0 --features fashion-mnist
 writes RUN_DIR/metrics.json: the numbers and the protocol (samples, sampler, steps, guidance,
-seed, EMA or raw weights, feature network and its sha256, reference split and size, version,
+seed, EMA or raw weights, precision, feature network and its sha256, reference split and size, version,
 git commit)."""
 
 
@@ -24,9 +25,11 @@ def add_parser(sub) -> None:
                        description="Generate samples from a run and score them against the "
                                    "held-out test split.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sampling_arguments(p, num=10000, batch_size=250)
-    p.add_argument("--features", choices=["fashion-mnist", "mnist"], default=None,
-                   help="feature network (default: the classifier of the run's dataset)")
+    add_sampling_arguments(p, num=10000, batch_size=125)
+    p.add_argument("--features", choices=list(FEATURE_NAMES), default=None,
+                   help="feature network for FID/KID: a shipped classifier (fashion-mnist, mnist), "
+                        "efficientnet (ImageNet EfficientNet-Lite0) or inception (Inception-v3 from "
+                        "local weights only); default: the classifier of the run's dataset")
     p.add_argument("--out", default=None, help="metrics file (default RUN_DIR/metrics.json)")
     p.set_defaults(handler=run)
 

@@ -32,6 +32,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, num: int, batch_size: int
     p.add_argument("--batch-size", type=int, default=batch_size,
                    help=f"images per forward batch (default {batch_size})")
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="network arithmetic while sampling; bf16 autocast is about 2x faster "
+                        "where native (default fp32)")
 
 
 def add_parser(sub) -> None:
@@ -65,7 +68,7 @@ def request_from_args(args: argparse.Namespace, config) -> SampleRequest:
     return SampleRequest(
         sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=config.sample.spacing,
         guidance=config.sample.guidance if args.guidance is None else args.guidance,
-        clip_denoised=config.sample.clip_denoised, use_ema=not args.raw)
+        clip_denoised=config.sample.clip_denoised, use_ema=not args.raw, precision=args.precision)
 
 
 def run(args: argparse.Namespace) -> int:

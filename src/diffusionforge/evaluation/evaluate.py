@@ -1,10 +1,11 @@
 """Score a trained class-conditional run: FID, KID and class-conditional accuracy.
 
 Samples are generated for classes 0..K-1 in turn, in batches, from a seeded
-generator (the same command gives the same numbers). The shipped classifier
-of the dataset family supplies the features (FID/KID against the held-out
-test split) and the class predictions (accuracy: the fraction of samples
-classified as the class they were generated for).
+generator (the same command gives the same numbers). FID/KID are computed
+against the held-out test split on a feature network (``metrics.features``;
+by default the shipped classifier of the dataset family). That classifier
+also gives the class-conditional accuracy: the fraction of samples
+classified as the class they were generated for.
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from tqdm import tqdm
 
 from ..data.datasets import build_dataset
 from ..errors import ConfigError
-from ..metrics.classifier import classifier_sha256, load_classifier
+from ..metrics.classifier import load_classifier
 from ..metrics.distribution import DistributionMetrics
+from ..metrics.features import FEATURE_NAMES, load_feature_network
 from ..models.generative import GenerativeModel, SampleRequest
 from .protocol import EvalProtocol, git_commit
 
-FEATURES_FOR_DATA = {"fashion-mnist-embedded": "fashion-mnist", "fashion-mnist": "fashion-mnist",
-                     "mnist": "mnist"}
+CLASSIFIER_FOR_DATA = {"fashion-mnist-embedded": "fashion-mnist", "fashion-mnist": "fashion-mnist",
+                       "mnist": "mnist"}
 
 
 @dataclass
@@ -33,15 +35,19 @@ class EvalResult:
     fid: float
     kid_mean: float
     kid_std: float
-    class_accuracy: Optional[float]
+    class_accuracy: Optional[float]  # None without a class-conditional model and a classifier
     sampling_seconds: float        # wall time spent generating (not scoring)
 
 
 def choose_features(data_name: str, features: Optional[str]) -> str:
-    name = features or FEATURES_FOR_DATA.get(data_name)
-    if name not in ("fashion-mnist", "mnist"):
-        raise ConfigError(f"--features: no shipped feature network for data '{data_name}' "
-                          "(choose fashion-mnist or mnist)")
+    """The feature network: ``features`` if given, else the classifier of the data family."""
+    name = features or CLASSIFIER_FOR_DATA.get(data_name)
+    if name is None:
+        raise ConfigError(f"--features: no shipped classifier for data '{data_name}' "
+                          f"(choose one of {', '.join(FEATURE_NAMES)})")
+    if name not in FEATURE_NAMES:
+        raise ConfigError(f"--features: unknown feature network '{name}' "
+                          f"(choose one of {', '.join(FEATURE_NAMES)})")
     return name
 
 
@@ -54,11 +60,14 @@ def split_images(config, split: str):
     return dataset
 
 
-def classifier_metrics(config, feature_name: str):
-    """The shipped classifier and FID/KID metrics on its features."""
-    classifier = load_classifier(feature_name)
-    shape = (config.data.channels, config.data.image_size, config.data.image_size)
-    return classifier, DistributionMetrics(classifier, classifier.config.feature_dim, shape)
+def image_shape(config) -> tuple[int, int, int]:
+    return (config.data.channels, config.data.image_size, config.data.image_size)
+
+
+def accuracy_classifier(config):
+    """The shipped classifier of the run's data family (class accuracy), or None."""
+    name = CLASSIFIER_FOR_DATA.get(config.data.name)
+    return load_classifier(name) if name is not None else None
 
 
 def add_images(metrics: DistributionMetrics, dataset, real: bool, batch_size: int) -> int:
@@ -70,9 +79,11 @@ def add_images(metrics: DistributionMetrics, dataset, real: bool, batch_size: in
 
 def evaluate_run(model: GenerativeModel, config, request: SampleRequest, num: int, seed: int,
                  features: Optional[str] = None,
-                 batch_size: int = 250) -> tuple[EvalResult, EvalProtocol]:
-    feature_name = choose_features(config.data.name, features)
-    classifier, metrics = classifier_metrics(config, feature_name)
+                 batch_size: int = 125) -> tuple[EvalResult, EvalProtocol]:
+    """Generate ``num`` samples (classes in turn) and score them against the test split."""
+    network = load_feature_network(choose_features(config.data.name, features))
+    metrics = network.metrics(image_shape(config))
+    classifier = accuracy_classifier(config) if model.num_classes else None
     n_ref = add_images(metrics, split_images(config, "test"), True, batch_size)
     correct, sampling_seconds = 0, 0.0
     generator = torch.Generator().manual_seed(seed)
@@ -84,17 +95,17 @@ def evaluate_run(model: GenerativeModel, config, request: SampleRequest, num: in
         images = model.sample(cond, n, request, generator=generator)
         sampling_seconds += time.perf_counter() - start_time
         metrics.update(images, real=False)
-        if labels is not None:
+        if classifier is not None:
             with torch.no_grad():
                 correct += (classifier(images).argmax(1) == labels[start:start + n]).sum().item()
     scores = metrics.compute()
     result = EvalResult(scores.fid, scores.kid_mean, scores.kid_std,
-                        correct / num if labels is not None else None, sampling_seconds)
+                        correct / num if classifier is not None else None, sampling_seconds)
     protocol = EvalProtocol(
         num_samples=num, sampler=request.sampler, steps=request.steps, eta=request.eta,
         spacing=request.spacing, guidance=request.guidance, seed=seed,
-        weights="ema" if request.use_ema else "raw", features=f"classifier/{feature_name}",
-        features_sha256=classifier_sha256(feature_name),
+        weights="ema" if request.use_ema else "raw", precision=request.precision,
+        features=network.name, features_sha256=network.sha256,
         reference_split=f"{config.data.name}/test", reference_size=n_ref, git_commit=git_commit())
     return result, protocol
 
@@ -110,12 +121,12 @@ def metrics_record(result: EvalResult, protocol: EvalProtocol) -> dict:
 
 def real_floor(config, features: Optional[str] = None, batch_size: int = 500) -> dict:
     """FID/KID between the real train and test splits: the floor under any model's score."""
-    feature_name = choose_features(config.data.name, features)
-    _, metrics = classifier_metrics(config, feature_name)
+    network = load_feature_network(choose_features(config.data.name, features))
+    metrics = network.metrics(image_shape(config))
     sizes = {split: add_images(metrics, split_images(config, split), split == "test", batch_size)
              for split in ("train", "test")}
     scores = metrics.compute()
     return {"fid": scores.fid, "kid_mean": scores.kid_mean, "kid_std": scores.kid_std,
             "train_size": sizes["train"], "test_size": sizes["test"],
-            "features": f"classifier/{feature_name}", "features_sha256": classifier_sha256(feature_name),
+            "features": network.name, "features_sha256": network.sha256,
             "data": config.data.name}

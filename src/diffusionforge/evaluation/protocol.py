@@ -24,6 +24,7 @@ class EvalProtocol:
     guidance: float            # classifier-free guidance scale
     seed: int                  # seed of the sampling noise
     weights: str               # ema | raw
+    precision: str             # fp32 | bf16: the network's arithmetic while sampling
     features: str              # feature network name
     features_sha256: str       # sha256 of its weights file
     reference_split: str       # e.g. fashion-mnist-embedded/test

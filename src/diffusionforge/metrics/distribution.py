@@ -24,7 +24,11 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 
 class FeatureAdapter(nn.Module):
-    """uint8 (B, C, H, W) from torchmetrics -> ``network.features`` on [-1, 1] -> (B, D)."""
+    """uint8 (B, C, H, W) from torchmetrics -> ``network.features`` on [-1, 1] -> (B, D).
+
+    A network without ``features`` (e.g. torchmetrics' Inception-v3, which
+    takes uint8 itself) is called on the uint8 batch directly.
+    """
 
     def __init__(self, network: nn.Module, num_features: int):
         super().__init__()
@@ -33,6 +37,8 @@ class FeatureAdapter(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        if not hasattr(self.network, "features"):
+            return self.network(images).double()
         x = images.float() / 127.5 - 1.0
         return self.network.features(x).double()
 
@@ -53,7 +59,12 @@ class DistributionMetrics:
     """Accumulate real and generated images, then compute FID and KID."""
 
     def __init__(self, network: nn.Module, num_features: int,
-                 image_shape: tuple[int, int, int], kid_subset_size: int = 1000):
+                 image_shape: tuple[int, int, int], kid_subset_size: int = 1000,
+                 rgb: bool = False):
+        """rgb: the network takes 3 channels; grey images are repeated to RGB first."""
+        self.rgb = rgb
+        if rgb:
+            image_shape = (3, *image_shape[1:])
         adapter = FeatureAdapter(network, num_features)
         self.fid = FrechetInceptionDistance(feature=adapter, input_img_size=image_shape,
                                             reset_real_features=False)
@@ -64,6 +75,8 @@ class DistributionMetrics:
     def update(self, images: Tensor, real: bool) -> None:
         """images: (B, C, H, W) in [-1, 1]."""
         batch = to_uint8(images)
+        if self.rgb and batch.shape[1] == 1:
+            batch = batch.repeat(1, 3, 1, 1)
         self.fid.update(batch, real=real)
         self.kid.update(batch, real=real)
 

@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name
 WEIGHTS_ENV = "DFORGE_INCEPTION_WEIGHTS"
+INCEPTION_DIM = 2048  # pool3 features used by FID
 
 
 def inception_search_paths() -> list[Path]:
@@ -42,11 +43,26 @@ def find_inception_weights() -> Path:
                           f"{INCEPTION_FILE} there or set ${WEIGHTS_ENV}; nothing is downloaded")
 
 
+def _require_torch_fidelity() -> None:
+    if importlib.util.find_spec("torch_fidelity") is None:
+        raise CheckpointError("Inception-v3 FID needs torch-fidelity: pip install torch-fidelity")
+
+
+def load_inception() -> torch.nn.Module:
+    """torchmetrics' FID Inception-v3 on the local weights: uint8 (B, 3, H, W) -> (B, 2048)."""
+    path = find_inception_weights()
+    _require_torch_fidelity()
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    return NoTrainInceptionV3(name="inception-v3-compat", features_list=[str(INCEPTION_DIM)],
+                              feature_extractor_weights_path=str(path)).eval()
+
+
 def inception_fid(**kwargs):
     """A torchmetrics ``FrechetInceptionDistance`` on the local Inception-v3 weights (2048-d)."""
     path = find_inception_weights()
-    if importlib.util.find_spec("torch_fidelity") is None:
-        raise CheckpointError("Inception-v3 FID needs torch-fidelity: pip install torch-fidelity")
+    _require_torch_fidelity()
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    return FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(path), **kwargs)
+    return FrechetInceptionDistance(feature=INCEPTION_DIM, feature_extractor_weights_path=str(path),
+                                    **kwargs)

@@ -27,7 +27,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ..conditioning import Cond, ConditionerWrapper
 from ..config.schema import OptimConfig, SampleConfig
 from ..processes.gaussian import GaussianDiffusion
-from ..samplers import SAMPLERS, classifier_free_guidance
+from ..samplers import SAMPLERS, SamplePrecision, autocast_denoise, classifier_free_guidance
 from ..utils.images import save_grid
 
 
@@ -41,6 +41,7 @@ class SampleRequest:
     guidance: float = 1.0
     clip_denoised: bool = True
     use_ema: bool = True
+    precision: SamplePrecision = "fp32"  # bf16: the network runs under autocast, the sampler in fp32
     progress: bool = False
 
 
@@ -128,6 +129,8 @@ class GenerativeModel(L.LightningModule):
         try:
             cond, uncond = self._conditions(net, batch)
             denoise = net["backbone"]
+            if request.precision == "bf16":
+                denoise = autocast_denoise(denoise, self.device.type)
             if cond is not None and request.guidance != 1.0:
                 denoise = classifier_free_guidance(denoise, request.guidance, uncond)
             x_T = torch.randn((num, *self.latent_shape), generator=generator,

@@ -13,6 +13,7 @@ from typing import Callable, Dict
 from diffusionforge.samplers.ddim import ddim_invert_step, ddim_step, invert_ddim, sample_ddim
 from diffusionforge.samplers.ddpm import ddpm_step, sample_ddpm
 from diffusionforge.samplers.guidance import classifier_free_guidance
+from diffusionforge.samplers.precision import SamplePrecision, autocast_denoise
 from diffusionforge.samplers.loop import Callback, Cond, DenoiseFn, SampleOutput, StepOutput, sampling_loop
 from diffusionforge.samplers.spacing import Spacing, make_timesteps
 
@@ -27,8 +28,10 @@ __all__ = [
     "Cond",
     "DenoiseFn",
     "SampleOutput",
+    "SamplePrecision",
     "Spacing",
     "StepOutput",
+    "autocast_denoise",
     "classifier_free_guidance",
     "ddim_invert_step",
     "ddim_step",
