@@ -14,13 +14,27 @@ from typing import Literal, Optional
 
 from ..backbones.unet import UNetConfig
 from ..conditioning.class_label import ClassLabelConfig
+from ..conditioning.text import TextConditionerConfig
 from ..data.datamodule import DataConfig
+from ..first_stage.autoencoder import AutoencoderConfig
+from ..losses.autoencoder_loss import AutoencoderLossConfig
 from ..processes.gaussian import GaussianDiffusionConfig
 
 
 @dataclass
 class ConditioningConfig:
     class_label: Optional[ClassLabelConfig] = None   # class-conditional model (vector)
+    text: Optional[TextConditionerConfig] = None     # captions: crossattn tokens, or vector (adm mode)
+
+
+@dataclass
+class LatentConfig:
+    """The frozen first stage of latent diffusion (model.first_stage=autoencoder)."""
+
+    run_dir: Optional[str] = None          # a finished autoencoder run (`dforge train fashion-vae`)
+    scale_factor: Optional[float] = None   # z = scale_factor * E(x); None: the autoencoder's, else 1/std estimated on training latents
+    scale_images: int = 1024               # training images used to estimate the scale (LDM uses one batch)
+    sample_posterior: bool = True          # train on z ~ q(z|x) (LDM); False uses its mean
 
 
 @dataclass
@@ -29,7 +43,8 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)  # in/out channels and vector_dim are derived
     process: GaussianDiffusionConfig = field(default_factory=GaussianDiffusionConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
-    first_stage: Literal["identity"] = "identity"    # pixel space; latent first stages come later
+    first_stage: Literal["identity", "autoencoder"] = "identity"  # pixel space, or latent diffusion
+    latent: LatentConfig = field(default_factory=LatentConfig)  # used when first_stage=autoencoder
 
 
 @dataclass
@@ -70,8 +85,19 @@ class SampleConfig:
 
 
 @dataclass
+class AutoencoderTaskConfig:
+    """task=autoencoder: the KL autoencoder trained with L1 (+ LPIPS) + KL + PatchGAN (LDM)."""
+
+    network: AutoencoderConfig = field(default_factory=AutoencoderConfig)  # in/out channels and resolution derived from data
+    loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)  # disc_in_channels derived from data
+    lpips_vgg: Optional[str] = None        # local VGG16 weights for LPIPS (else $DFORGE_LPIPS_VGG / caches)
+    lpips_lin: Optional[str] = None        # local LPIPS linear-layer weights (else $DFORGE_LPIPS_LIN)
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "fashion-ddpm"             # run name; the default run dir is runs/<name>-<time>
+    task: Literal["diffusion", "autoencoder"] = "diffusion"  # what `dforge train` trains
     seed: int = 0                          # seeds data split, init and sampling
     run_dir: Optional[str] = None          # where config, checkpoints, samples and logs go
     data: DataConfig = field(default_factory=DataConfig)
@@ -79,3 +105,4 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    autoencoder: AutoencoderTaskConfig = field(default_factory=AutoencoderTaskConfig)  # task=autoencoder
