@@ -6,18 +6,21 @@ import dataclasses
 from pathlib import Path
 from typing import Optional
 
+import torch
 from torch import nn
 
 from .backbones import BACKBONES
 from .conditioning import ClassEmbedder, Conditioner, ConditionerWrapper
+from .conditioning.labels import LabelConditioning
+from .conditioning.text import TextConditioner
 from .config.schema import ExperimentConfig
+from .data.captions import caption_names
 from .data.datamodule import ImageDataModule
 from .errors import ConfigError
 from .first_stage import IdentityFirstStage
+from .first_stage.latent import LatentFirstStage
 from .models.generative import GenerativeModel
 from .processes.gaussian import GaussianDiffusion
-
-FIRST_STAGES = {"identity": IdentityFirstStage}
 
 
 def build_conditioner(config: ExperimentConfig) -> ConditionerWrapper:
@@ -25,22 +28,61 @@ def build_conditioner(config: ExperimentConfig) -> ConditionerWrapper:
     class_cfg = config.model.conditioning.class_label
     if class_cfg is not None:
         conditioners.append(ClassEmbedder(class_cfg))
+    text_cfg = config.model.conditioning.text
+    if text_cfg is not None:
+        if config.data.caption_template is None:
+            raise ConfigError("model.conditioning.text: needs captions; set data.caption_template "
+                              "(e.g. 'a photo of {}')")
+        conditioners.append(TextConditioner(text_cfg))
     return ConditionerWrapper(conditioners)
 
 
-def vector_dim(conditioner: ConditionerWrapper) -> Optional[int]:
-    dims = [c.embedding.embedding_dim for c in conditioner.conditioners if c.kind == "vector"]
+def conditioning_dim(conditioner: ConditionerWrapper, kind: str) -> Optional[int]:
+    """Width of the merged ``kind`` output (outputs are concatenated along features)."""
+    dims = [c.dim for c in conditioner.conditioners if c.kind == kind]
     return sum(dims) if dims else None
 
 
-def build_backbone(config: ExperimentConfig, conditioner: ConditionerWrapper) -> nn.Module:
-    """The backbone with its channel counts derived from data, process and conditioning."""
+def build_first_stage(config: ExperimentConfig, autoencoder=None) -> nn.Module:
+    """Identity, or the frozen autoencoder (given, or loaded from model.latent.run_dir)."""
+    if config.model.first_stage == "identity":
+        return IdentityFirstStage()
+    latent = config.model.latent
+    autoencoder = autoencoder if autoencoder is not None else load_latent_autoencoder(config)
+    scale = latent.scale_factor if latent.scale_factor is not None else autoencoder.config.scaling_factor
+    if scale is None:
+        raise ConfigError("model.latent.scale_factor: not set and not estimated "
+                          "(`dforge train` estimates it from the training images)")
+    return LatentFirstStage(autoencoder, scale, latent.sample_posterior)
+
+
+def load_latent_autoencoder(config: ExperimentConfig):
+    """The AutoencoderKL of the run named by model.latent.run_dir."""
+    if config.model.latent.run_dir is None:
+        raise ConfigError("model.latent.run_dir: latent diffusion needs a trained autoencoder run "
+                          "(e.g. `dforge train fashion-vae`)")
+    from .autoencoder_run import load_autoencoder_run
+
+    return load_autoencoder_run(config.model.latent.run_dir)[0]
+
+
+def diffusion_shape(config: ExperimentConfig, first_stage: nn.Module) -> tuple[int, int, int]:
+    """(C, H, W) of what the process runs on: images, or latents of the first stage."""
+    size = config.data.image_size
+    shape = (config.data.channels, size, size)
+    return first_stage.latent_shape(shape) if hasattr(first_stage, "latent_shape") else shape
+
+
+def build_backbone(config: ExperimentConfig, conditioner: ConditionerWrapper,
+                   channels: Optional[int] = None) -> nn.Module:
+    """The backbone with its channel counts derived from data/latents, process and conditioning."""
     model = config.model
     config_cls, backbone_cls = BACKBONES[model.backbone]
-    channels = config.data.channels
+    channels = config.data.channels if channels is None else channels
     learned = model.process.variance_type == "learned_range"
     derived = dict(in_channels=channels, out_channels=channels * (2 if learned else 1),
-                   vector_dim=vector_dim(conditioner))
+                   vector_dim=conditioning_dim(conditioner, "vector"),
+                   context_dim=conditioning_dim(conditioner, "crossattn"))
     backbone_cfg = getattr(model, model.backbone)
     try:
         backbone_cfg = dataclasses.replace(backbone_cfg, **derived)
@@ -49,23 +91,64 @@ def build_backbone(config: ExperimentConfig, conditioner: ConditionerWrapper) ->
     return backbone_cls(backbone_cfg)
 
 
+def label_conditioning(config: ExperimentConfig) -> Optional[LabelConditioning]:
+    """How class labels condition the model: through its class and/or caption conditioner."""
+    class_cfg, text_cfg = config.model.conditioning.class_label, config.model.conditioning.text
+    if class_cfg is None and text_cfg is None:
+        return None
+    names = caption_names(config.data.name) if text_cfg is not None else ()
+    return LabelConditioning(
+        num_classes=class_cfg.num_classes if class_cfg is not None else len(names),
+        class_key=class_cfg.input_key if class_cfg is not None else None,
+        caption_key=text_cfg.input_key if text_cfg is not None else None,
+        caption_template=config.data.caption_template if text_cfg is not None else None,
+        caption_names=names)
+
+
 def build_model(config: ExperimentConfig, num_classes: Optional[int] = None,
-                sample_dir: Optional[Path] = None) -> GenerativeModel:
+                sample_dir: Optional[Path] = None, autoencoder=None) -> GenerativeModel:
+    """The GenerativeModel of a config; ``autoencoder`` overrides loading model.latent.run_dir."""
     class_cfg = config.model.conditioning.class_label
     if class_cfg is not None and num_classes is not None and class_cfg.num_classes != num_classes:
         raise ConfigError(f"model.conditioning.class_label.num_classes is {class_cfg.num_classes} "
                           f"but the dataset '{config.data.name}' has {num_classes} classes")
     conditioner = build_conditioner(config)
-    backbone = build_backbone(config, conditioner)
-    size = config.data.image_size
+    first_stage = build_first_stage(config, autoencoder)
+    shape = diffusion_shape(config, first_stage)
+    backbone = build_backbone(config, conditioner, channels=shape[0])
     return GenerativeModel(
         backbone=backbone, process=GaussianDiffusion(config.model.process),
-        conditioner=conditioner, first_stage=FIRST_STAGES[config.model.first_stage](),
-        latent_shape=(config.data.channels, size, size), optim=config.optim,
-        sample=config.sample, num_classes=class_cfg.num_classes if class_cfg else None,
-        class_key=class_cfg.input_key if class_cfg else "class_label",
-        sample_dir=sample_dir)
+        conditioner=conditioner, first_stage=first_stage, latent_shape=shape, optim=config.optim,
+        sample=config.sample, labels=label_conditioning(config), sample_dir=sample_dir)
 
 
 def build_datamodule(config: ExperimentConfig) -> ImageDataModule:
     return ImageDataModule(config.data, seed=config.seed)
+
+
+def prepare_first_stage(config: ExperimentConfig, datamodule: ImageDataModule):
+    """Load the frozen autoencoder of a latent config and fix its latent scale.
+
+    Returns ``(config, autoencoder)``; ``autoencoder`` is None in pixel space.
+    With ``model.latent.scale_factor`` unset and no scaling factor stored with
+    the autoencoder, the scale is estimated as 1/std of the latents of the
+    first ``model.latent.scale_images`` training images and written into the
+    returned config, so the run's config.yaml records the value it trained with.
+    """
+    if config.model.first_stage != "autoencoder":
+        return config, None
+    from .first_stage.latent import estimate_scale_factor
+
+    latent = config.model.latent
+    autoencoder = load_latent_autoencoder(config)
+    scale = latent.scale_factor if latent.scale_factor is not None else autoencoder.config.scaling_factor
+    if scale is None:
+        datamodule.setup("fit")
+        images = datamodule.train_set
+        count = min(latent.scale_images, len(images))
+        batches = (torch.stack([images[i]["image"] for i in range(start, min(start + 256, count))])
+                   for start in range(0, count, 256))
+        scale = estimate_scale_factor(autoencoder, batches, latent.sample_posterior, seed=config.seed)
+    config = dataclasses.replace(config, model=dataclasses.replace(
+        config.model, latent=dataclasses.replace(latent, scale_factor=float(scale))))
+    return config, autoencoder

@@ -6,6 +6,7 @@ A run directory holds::
     checkpoints/last.ckpt   Lightning checkpoint for --resume
     model.safetensors       EMA weights for sampling
     model_raw.safetensors   the trained (non-EMA) weights
+    first_stage.safetensors latent runs: a copy of the frozen autoencoder (config in its metadata)
     samples/                PNG grids written during validation and at the end
     logs/version_N/         metrics.csv of each fit (a resume adds a version)
     train_summary.json      wall time, steps and peak memory of the last fit
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -29,6 +30,7 @@ from .weights import load_weights, save_weights
 CONFIG_FILE = "config.yaml"
 EMA_WEIGHTS = "model.safetensors"
 RAW_WEIGHTS = "model_raw.safetensors"
+FIRST_STAGE_WEIGHTS = "first_stage.safetensors"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 RUN_DIR_ENV = "DFORGE_RUN_DIR"  # set for DDP worker processes that re-run the CLI
 
@@ -97,10 +99,30 @@ def last_checkpoint(run_dir: Path) -> Path:
 
 
 def export_weights(model, run_dir: Path) -> Path:
-    """EMA and raw sampling weights as safetensors beside config.yaml."""
+    """EMA and raw sampling weights as safetensors beside config.yaml (+ the latent first stage)."""
     meta = {"format": "diffusionforge", "config": CONFIG_FILE}
+    autoencoder = getattr(model.first_stage, "autoencoder", None)
+    if autoencoder is not None:  # the run must not depend on the autoencoder run staying around
+        save_weights(autoencoder, run_dir / FIRST_STAGE_WEIGHTS,
+                     {**meta, "autoencoder_config": json.dumps(asdict(autoencoder.config))})
     save_weights(model.net, run_dir / RAW_WEIGHTS, meta)
     return save_weights(model.ema.module, run_dir / EMA_WEIGHTS, meta)
+
+
+def load_first_stage_copy(run_dir: Path):
+    """The AutoencoderKL saved in a latent run (``first_stage.safetensors``)."""
+    from safetensors import safe_open
+
+    from .first_stage.autoencoder import AutoencoderConfig, AutoencoderKL
+
+    path = run_dir / FIRST_STAGE_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: latent run without {FIRST_STAGE_WEIGHTS}")
+    with safe_open(str(path), framework="pt") as f:
+        fields = json.loads((f.metadata() or {}).get("autoencoder_config", "null") or "null")
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path}: no autoencoder_config in the file's metadata")
+    return load_weights(AutoencoderKL(AutoencoderConfig(**fields)), path).eval()
 
 
 def load_run_model(run_dir: str | Path, use_ema: bool = True):
@@ -108,7 +130,10 @@ def load_run_model(run_dir: str | Path, use_ema: bool = True):
     from .build import build_model  # local: build imports the whole model stack
 
     run_dir, config = open_run(run_dir)
-    model = build_model(config)
+    if config.task != "diffusion":
+        raise CheckpointError(f"{run_dir}: a task={config.task} run, not a diffusion model")
+    autoencoder = load_first_stage_copy(run_dir) if config.model.first_stage == "autoencoder" else None
+    model = build_model(config, autoencoder=autoencoder)
     weights = run_dir / (EMA_WEIGHTS if use_ema else RAW_WEIGHTS)
     if not weights.is_file():
         raise CheckpointError(f"{run_dir}: no exported weights ({weights.name} missing; "

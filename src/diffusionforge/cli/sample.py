@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     chunks = []
     for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", file=sys.stderr):
         n = min(args.batch_size, args.num - start)
-        batch = {} if labels is None else {model.class_key: labels[start:start + n]}
+        batch = {} if labels is None else model.label_batch(labels[start:start + n])
         chunks.append(model.sample(batch, n, request, generator=generator))
     images = torch.cat(chunks)
     nrow = model.num_classes if labels is not None and args.class_label is None else None

@@ -33,6 +33,11 @@ class ClassEmbedder(Conditioner):
         self.embedding = nn.Embedding(config.num_classes + 1, config.embed_dim)
 
     @property
+    def dim(self) -> int:
+        """D of the output vector."""
+        return self.embedding.embedding_dim
+
+    @property
     def null_class(self) -> int:
         return self.num_classes
 

@@ -23,6 +23,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from diffusionforge.data.captions import Captioned, caption_names, check_template
 from diffusionforge.data.datasets import build_dataset
 from diffusionforge.errors import ConfigError
 
@@ -43,6 +44,7 @@ class DataConfig:
     val_size: int = 100  # images held out from the train split for validation (loss + sample grids)
     limit_train: Optional[int] = None  # use only the first N training images (tests / quick runs)
     hflip: bool = False  # random horizontal flip augmentation (train split only)
+    caption_template: Optional[str] = None  # e.g. "a photo of {}": adds batch["caption"] from class names
 
     def __post_init__(self) -> None:
         self.validate()
@@ -65,6 +67,7 @@ class DataConfig:
             raise ConfigError(f"data.limit_train: must be None or an integer >= 1, got {self.limit_train!r}")
         if not isinstance(self.hflip, bool):
             raise ConfigError(f"data.hflip: must be true or false, got {self.hflip!r}")
+        check_template(self.caption_template)
 
 
 def _is_int(value: object) -> bool:
@@ -112,8 +115,11 @@ class ImageDataModule(L.LightningDataModule):
         """The full ``split`` of the source (loaded once), None if it has none."""
         if split not in self._source:
             c = self.config
-            self._source[split] = build_dataset(c.name, split, root=c.root, image_size=c.image_size,
-                                                channels=c.channels)
+            dataset = build_dataset(c.name, split, root=c.root, image_size=c.image_size,
+                                    channels=c.channels)
+            if dataset is not None and c.caption_template is not None:
+                dataset = Captioned(dataset, c.caption_template, caption_names(c.name))
+            self._source[split] = dataset
         return self._source[split]
 
     @property

@@ -90,7 +90,7 @@ def evaluate_run(model: GenerativeModel, config, request: SampleRequest, num: in
     labels = torch.arange(num) % model.num_classes if model.num_classes else None
     for start in tqdm(range(0, num, batch_size), desc="evaluating"):
         n = min(batch_size, num - start)
-        cond = {} if labels is None else {model.class_key: labels[start:start + n]}
+        cond = {} if labels is None else model.label_batch(labels[start:start + n])
         start_time = time.perf_counter()
         images = model.sample(cond, n, request, generator=generator)
         sampling_seconds += time.perf_counter() - start_time

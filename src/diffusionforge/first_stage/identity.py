@@ -10,7 +10,7 @@ from torch import Tensor, nn
 class IdentityFirstStage(nn.Module):
     scale_factor: float = 1.0
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor, sample=None) -> Tensor:
         return x
 
     def decode(self, z: Tensor) -> Tensor:

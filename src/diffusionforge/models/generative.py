@@ -21,10 +21,12 @@ from typing import Optional
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ..conditioning import Cond, ConditionerWrapper
+from ..conditioning.labels import LabelConditioning
 from ..config.schema import OptimConfig, SampleConfig
 from ..processes.gaussian import GaussianDiffusion
 from ..samplers import SAMPLERS, SamplePrecision, autocast_denoise, classifier_free_guidance
@@ -49,8 +51,8 @@ class GenerativeModel(L.LightningModule):
     def __init__(self, backbone: nn.Module, process: GaussianDiffusion,
                  conditioner: ConditionerWrapper, first_stage: nn.Module,
                  latent_shape: tuple[int, int, int], optim: OptimConfig,
-                 sample: SampleConfig, num_classes: Optional[int] = None,
-                 class_key: str = "class_label", sample_dir: Optional[Path] = None):
+                 sample: SampleConfig, labels: Optional[LabelConditioning] = None,
+                 sample_dir: Optional[Path] = None):
         super().__init__()
         self.net = nn.ModuleDict({"backbone": backbone, "conditioner": conditioner})
         self.process = process
@@ -58,14 +60,21 @@ class GenerativeModel(L.LightningModule):
         self.latent_shape = tuple(latent_shape)  # (C, H, W) of what diffusion runs on
         self.optim_config = optim
         self.sample_config = sample
-        self.num_classes = num_classes
-        self.class_key = class_key  # batch key the class conditioner reads
+        self.labels = labels  # how class labels become conditioning (None: unconditional)
         self.sample_dir = sample_dir
         self.start_step = 0  # global step at which the latest fit started (or resumed)
         decay = optim.ema_decay
         self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(decay),
                                  use_buffers=True)
         self.ema.requires_grad_(False)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        return self.labels.num_classes if self.labels is not None else None
+
+    def label_batch(self, labels: Tensor) -> dict:
+        """(B,) class labels -> the conditioning batch for them ({} for an unconditional model)."""
+        return self.labels.batch(labels) if self.labels is not None else {}
 
     # ----------------------------------------------------------------- training
     def on_train_start(self) -> None:
@@ -145,6 +154,27 @@ class GenerativeModel(L.LightningModule):
         finally:
             net.train(was_training)
 
+    @torch.no_grad()
+    def inpaint(self, batch: dict, images: Tensor, mask: Tensor, request: SampleRequest,
+                generator: Optional[torch.Generator] = None) -> Tensor:
+        """Fill the holes of ``images`` (B, C, H, W) where ``mask`` (B, 1, H, W) is 0; keep mask == 1.
+
+        The known region goes through the sampler's mask path (RePaint-style
+        replacement, Lugmayr et al. 2022) in the diffusion space: a latent is
+        known only where its whole f x f pixel patch is. The known pixels are
+        pasted back exactly after decoding.
+        """
+        if mask.shape != (images.shape[0], 1, *images.shape[2:]):
+            raise ValueError(f"mask must have shape (B, 1, H, W) = {(images.shape[0], 1, *images.shape[2:])}, "
+                             f"got {tuple(mask.shape)}")
+        mask = mask.to(images.dtype)
+        z_known = self.first_stage.encode(images, sample=False)
+        f = images.shape[-1] // z_known.shape[-1]
+        known = -F.max_pool2d(-mask, f) if f > 1 else mask  # (B, 1, h, w): 1 where the patch is all known
+        filled = self.sample(batch, len(images), request, generator=generator,
+                             known_mask=known.expand_as(z_known), x0_known=z_known)
+        return mask * images + (1 - mask) * filled
+
     @staticmethod
     def _conditions(net: nn.ModuleDict, batch: dict) -> tuple[Optional[Cond], Optional[Cond]]:
         conditioner = net["conditioner"]
@@ -156,7 +186,7 @@ class GenerativeModel(L.LightningModule):
         """Conditioning for a grid: one row per class (or 8x8 unconditional)."""
         if self.num_classes:
             labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(per_class)
-            return {self.class_key: labels}, len(labels), per_class
+            return self.label_batch(labels), len(labels), per_class
         return {}, per_class * per_class, per_class
 
     def write_sample_grid(self, path: Path, seed: int = 0) -> Path:
