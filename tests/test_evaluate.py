@@ -47,7 +47,7 @@ def test_bf16_sampling_is_recorded_and_close_to_fp32(tiny_run, tmp_path, capsys)
 
 def test_bf16_autocast_changes_only_the_network_arithmetic(tiny_run):
     model, _ = load_run_model(tiny_run)
-    batch = {model.class_key: torch.arange(4)}
+    batch = model.label_batch(torch.arange(4))
     images = {}
     for precision in ("fp32", "bf16"):
         request = SampleRequest(steps=3, guidance=2.0, precision=precision)
