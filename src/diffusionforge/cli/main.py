@@ -1,4 +1,4 @@
-"""`dforge`: train, sample and list presets.
+"""`dforge`: train, sample, evaluate, convert weights and list presets.
 
 Every user error (bad config key, missing file, wrong checkpoint) is a
 ``DForgeError``: printed as one line ``dforge: error: ...`` with exit
@@ -18,18 +18,19 @@ EXAMPLES = """examples:
   dforge train tiny trainer.max_steps=50         # a preset or YAML file, then key=value overrides
   dforge train --resume runs/fashion-ddpm-20261123-101500
   dforge sample runs/fashion-ddpm-20261123-101500 --num 64 --sampler ddim --steps 50 --guidance 2 --out grid.png
+  dforge convert stable-diffusion-v1-5 --kind vae --to ours --out sd15-vae
   dforge presets
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import evaluate, presets, sample, train
+    from . import convert, evaluate, presets, sample, train
 
     parser = argparse.ArgumentParser(
         prog="dforge", description="Train, sample and evaluate diffusion models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, sample, evaluate, presets):
+    for module in (train, sample, evaluate, convert, presets):
         module.add_parser(sub)
     return parser
 

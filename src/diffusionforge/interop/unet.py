@@ -40,17 +40,23 @@ head width is not).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from diffusionforge.backbones.unet import UNet, UNetConfig
 from diffusionforge.errors import CheckpointError, ConfigError
+
+from .files import (
+    DIFFUSERS_CONFIG_NAME,
+    DIFFUSERS_WEIGHTS_NAME,
+    diffusers_folder,
+    load_checked,
+    read_json,
+    read_safetensors,
+    write_diffusers_folder,
+)
 
 __all__ = [
     "COMPVIS_UNET_PREFIX",
@@ -66,8 +72,8 @@ __all__ = [
     "unet_state_dict_to_diffusers",
 ]
 
-DIFFUSERS_UNET_CONFIG = "config.json"  # file names of a diffusers model folder
-DIFFUSERS_UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_UNET_CONFIG = DIFFUSERS_CONFIG_NAME  # file names of a diffusers model folder
+DIFFUSERS_UNET_WEIGHTS = DIFFUSERS_WEIGHTS_NAME
 COMPVIS_UNET_PREFIX = "model.diffusion_model."  # UNet keys inside a CompVis LDM checkpoint
 COMPVIS_IGNORED_PREFIXES = ("first_stage_model.", "cond_stage_model.", "model_ema.")  # other parts of it
 
@@ -384,26 +390,19 @@ def load_diffusers_unet(directory: str | Path) -> UNet:
     ``directory`` may also be a pipeline folder with a ``unet/`` subfolder.
     Errors name the file and, for weights, the first bad key as the file spells it.
     """
-    directory = Path(directory)
-    if not (directory / DIFFUSERS_UNET_CONFIG).is_file() and (directory / "unet" / DIFFUSERS_UNET_CONFIG).is_file():
-        directory = directory / "unet"
-    config_path, weights_path = directory / DIFFUSERS_UNET_CONFIG, directory / DIFFUSERS_UNET_WEIGHTS
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise CheckpointError(f"{path}: file not found (expected a diffusers UNet folder)")
+    config_path, weights_path = diffusers_folder(directory, "unet", "UNet")
+    config_json = read_json(config_path)
     try:
-        config = unet_config_from_diffusers(_read_json(config_path))
-        weights = load_file(weights_path)
-    except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{weights_path}: cannot read safetensors: {_first_line(err)}") from None
+        config = unet_config_from_diffusers(config_json)
     except CheckpointError as err:
         raise CheckpointError(f"{config_path}: {err}") from None
-    unet = UNet(config)
+    weights = read_safetensors(weights_path)
     try:
         state = unet_state_dict_from_diffusers(weights, config)
-        _load_checked(unet, state, name=_key_renamer(config, to_diffusers=True))
     except CheckpointError as err:
         raise CheckpointError(f"{weights_path}: {err}") from None
+    unet = UNet(config)
+    load_checked(unet, state, str(weights_path), "UNet", name=_key_renamer(config, to_diffusers=True))
     return unet.eval()
 
 
@@ -413,13 +412,7 @@ def save_diffusers_unet(unet: UNet, directory: str | Path, *, sample_size: Optio
     ``sample_size`` (latent pixels) is only a pipeline default; None leaves it unset.
     """
     config_json = unet_config_to_diffusers(unet.config, sample_size=sample_size)
-    state = unet_state_dict_to_diffusers(unet.state_dict(), unet.config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / DIFFUSERS_UNET_CONFIG).write_text(json.dumps(config_json, indent=2, sort_keys=True) + "\n")
-    tensors = {key: value.detach().cpu().contiguous() for key, value in state.items()}
-    save_file(tensors, directory / DIFFUSERS_UNET_WEIGHTS, metadata={"format": "pt"})
-    return directory
+    return write_diffusers_folder(directory, config_json, unet_state_dict_to_diffusers(unet.state_dict(), unet.config))
 
 
 def load_compvis_unet(state_dict: Mapping[str, Any], config: UNetConfig) -> UNet:
@@ -438,44 +431,4 @@ def load_compvis_unet(state_dict: Mapping[str, Any], config: UNetConfig) -> UNet
         state = {k[len(COMPVIS_UNET_PREFIX):]: state_dict[k] for k in keys if k.startswith(COMPVIS_UNET_PREFIX)}
     else:
         state = {k: state_dict[k] for k in keys}
-    unet = UNet(config)
-    try:
-        _load_checked(unet, state)
-    except CheckpointError as err:
-        raise CheckpointError(f"CompVis UNet state dict: {err}") from None
-    return unet.eval()
-
-
-def _load_checked(unet: UNet, state: Mapping[str, Tensor], name: Callable[[str], str] = str) -> None:
-    """``unet.load_state_dict(state)`` after naming the first unexpected, mis-shaped or missing key.
-
-    ``name`` maps one of our keys to how the checkpoint spells it, for the message.
-    """
-    expected = unet.state_dict()
-    for key, value in state.items():
-        if key not in expected:
-            raise CheckpointError(f"unexpected key {key!r} with shape {tuple(value.shape)} for this UNet config")
-        if tuple(value.shape) != tuple(expected[key].shape):
-            shapes = f"{tuple(value.shape)} in the checkpoint, {tuple(expected[key].shape)} expected"
-            raise CheckpointError(f"key {name(key)!r} has shape {shapes}")
-    missing = [key for key in expected if key not in state]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise CheckpointError(f"missing key {name(missing[0])!r} (shape {tuple(expected[missing[0]].shape)}){more}")
-    unet.load_state_dict(state, strict=True)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; CheckpointError (one line) when unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read JSON: {_first_line(err)}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"expected a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+    return load_checked(UNet(config), state, "CompVis UNet state dict", "UNet").eval()

@@ -26,19 +26,17 @@ What diffusers cannot express (attention inside levels, linear attention,
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
-import torch
 from einops import rearrange
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from diffusionforge.errors import CheckpointError, DForgeError
 from diffusionforge.first_stage.autoencoder import AutoencoderConfig, AutoencoderKL
+
+from .files import diffusers_folder, load_checked, read_json, read_safetensors, write_diffusers_folder
 
 __all__ = [
     "load_compvis_vae",
@@ -51,8 +49,6 @@ __all__ = [
     "vae_state_dict_to_diffusers",
 ]
 
-CONFIG_NAME = "config.json"  # diffusers' file names inside a model folder
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 COMPVIS_PREFIX = "first_stage_model."  # the autoencoder's prefix inside an LDM / SD checkpoint
 SD_V1_SCALING_FACTOR = 0.18215  # SD v1 latent scale: 1 / std of its latents (LDM App. D.1)
 
@@ -261,64 +257,21 @@ def vae_config_to_diffusers(config: AutoencoderConfig) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------- load / save
-def _load_checked(
-    model: AutoencoderKL, state_dict: Mapping[str, Tensor], source: str, name: Callable[[str], str] = str
-) -> AutoencoderKL:
-    """``model.load_state_dict(state_dict)`` with one-line errors naming ``source`` and the first bad key.
-
-    ``name`` maps one of our keys to the name it has in ``source``, for the message.
-    """
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    if missing:
-        raise CheckpointError(f"{source}: missing key {name(missing[0])!r} ({len(missing)} missing in all)")
-    if unexpected:
-        raise CheckpointError(f"{source}: unexpected key {name(unexpected[0])!r} ({len(unexpected)} unexpected in all)")
-    for key, value in expected.items():
-        got = state_dict[key]
-        if got.shape != value.shape:
-            msg = f"{source}: {name(key)!r} has shape {tuple(got.shape)}, the model expects {tuple(value.shape)}"
-            raise CheckpointError(msg)
-    model.load_state_dict(state_dict)
-    return model
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read JSON: {err}".splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def load_diffusers_vae(directory: Union[str, Path]) -> AutoencoderKL:
     """A diffusers ``AutoencoderKL`` folder (config.json + safetensors weights) -> our model, in eval mode.
 
     ``directory`` may also be a pipeline folder with a ``vae/`` subfolder.
     """
-    directory = Path(directory)
-    if not (directory / CONFIG_NAME).is_file() and (directory / "vae" / CONFIG_NAME).is_file():
-        directory = directory / "vae"
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise CheckpointError(f"{path}: file not found (expected a diffusers AutoencoderKL folder)")
+    config_path, weights_path = diffusers_folder(directory, "vae", "AutoencoderKL")
+    config_json = read_json(config_path)
     try:
-        config = vae_config_from_diffusers(_read_json(config_path))
+        config = vae_config_from_diffusers(config_json)
     except DForgeError as err:  # CheckpointError, or ConfigError from AutoencoderConfig's checks
         raise CheckpointError(f"{config_path}: {err}") from None
-    try:
-        state_dict = load_file(str(weights_path))
-    except (OSError, SafetensorError) as err:
-        raise CheckpointError(f"{weights_path}: cannot read safetensors: {err}".splitlines()[0]) from None
-    model = AutoencoderKL(config)
+    state_dict = vae_state_dict_from_diffusers(read_safetensors(weights_path))
     to_diffusers = _rename_rules(True, len(config.channel_mult))
-    _load_checked(
-        model, vae_state_dict_from_diffusers(state_dict), str(weights_path), lambda key: _rename(key, to_diffusers)
-    )
+    model = AutoencoderKL(config)
+    load_checked(model, state_dict, str(weights_path), "AutoencoderKL", lambda key: _rename(key, to_diffusers))
     return model.eval()
 
 
@@ -328,13 +281,7 @@ def save_diffusers_vae(model: AutoencoderKL, directory: Union[str, Path]) -> Pat
     ``diffusers.AutoencoderKL.from_pretrained(directory)`` loads it.
     """
     config = vae_config_to_diffusers(model.config)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    state_dict = vae_state_dict_to_diffusers(model.state_dict())
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    return directory
+    return write_diffusers_folder(directory, config, vae_state_dict_to_diffusers(model.state_dict()))
 
 
 def load_compvis_vae(state_dict: Mapping[str, Tensor], config: Optional[AutoencoderConfig] = None) -> AutoencoderKL:
@@ -352,4 +299,4 @@ def load_compvis_vae(state_dict: Mapping[str, Tensor], config: Optional[Autoenco
         state_dict = {k[len(COMPVIS_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(COMPVIS_PREFIX)}
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("loss.")}
     model = AutoencoderKL(config if config is not None else sd_v1_vae_config())
-    return _load_checked(model, state_dict, "CompVis VAE state dict").eval()
+    return load_checked(model, state_dict, "CompVis VAE state dict", "AutoencoderKL").eval()
