@@ -246,7 +246,7 @@ def test_wrong_kind(tmp_path, capsys, layout):
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda d: (d / "config.yaml").write_text("task: diffusion\n"), "run directories: not yet supported by convert"),
+    (lambda d: (d / "config.yaml").write_text("task: diffusion\n"), "a pixel-space run has no vae"),
     (lambda d: (d / "model.safetensors").write_bytes(b""), "unknown layout"),
 ])
 def test_unsupported_folders(tmp_path, capsys, make, message):
@@ -292,3 +292,15 @@ def test_dst_holding_src_is_refused(tmp_path, capsys):
                             "--out", tmp_path / "nets", "--overwrite")
     _assert_one_line_error(code, err, "would replace SRC")
     assert (tmp_path / "nets" / "vae" / "model.safetensors").is_file()
+
+
+def test_diffusion_run_backbone_converts_to_our_format(tiny_run, tmp_path, capsys):
+    from diffusionforge.runs import load_run_model
+
+    code, out, err = _convert(capsys, tiny_run, "--kind", "unet", "--to", "ours", "--out", tmp_path / "unet")
+    assert code == 0, err
+    converted, kind = load_ours(tmp_path / "unet")
+    backbone = load_run_model(tiny_run)[0].sampling_net()["backbone"]
+    assert kind == "unet"
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(converted.state_dict()[key], value), key

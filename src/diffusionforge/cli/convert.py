@@ -135,8 +135,28 @@ def load_network(src: Path, kind: Kind, config_path: Optional[Path] = None) -> L
 
 
 def load_run_network(run_dir: Path, kind: Kind, config_path: Optional[Path] = None) -> Loaded:
-    """Extension point: the ``kind`` network of a `dforge train` run directory (config.yaml + weights)."""
-    raise CheckpointError(f"run directories: not yet supported by convert ({run_dir} has {RUN_CONFIG_FILE})")
+    """The ``kind`` network of a `dforge train` run directory (config.yaml + exported weights).
+
+    vae: an autoencoder run's network, or a latent run's frozen first stage;
+    unet: a diffusion run's backbone with its EMA weights.
+    """
+    from ..runs import load_first_stage_copy, load_run_model, open_run
+
+    if config_path is not None:
+        raise ConfigError("--config: a run directory carries its own config.yaml")
+    run_dir, config = open_run(run_dir)
+    if kind == "vae":
+        if config.task == "autoencoder":
+            from ..autoencoder_run import load_autoencoder_run
+
+            return Loaded(load_autoencoder_run(run_dir)[0], "autoencoder run")
+        if config.model.first_stage == "autoencoder":
+            return Loaded(load_first_stage_copy(run_dir), "latent run's first stage")
+        raise CheckpointError(f"{run_dir}: a pixel-space run has no vae (use --kind unet)")
+    if config.task != "diffusion":
+        raise CheckpointError(f"{run_dir}: a task={config.task} run has no unet (use --kind vae)")
+    model, _ = load_run_model(run_dir)
+    return Loaded(model.sampling_net()["backbone"], "diffusion run (EMA weights)")
 
 
 def _load_folder(src: Path, kind: Kind) -> Loaded:
