@@ -6,7 +6,7 @@ accuracy, and wall time per image, all through the same ``evaluate_run``
 as ``dforge evaluate``. Prints a table and writes
 benchmarks/results/sampling_quality.json.
 
-    python benchmarks/sampling_quality.py RUN_DIR [--num 1000] [--guidance 2] [--seed 0]
+    python benchmarks/sampling_quality.py RUN_DIR [--num 1000] [--guidance 2] [--seed 0] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ def main() -> None:
     parser.add_argument("--num", type=int, default=1000)
     parser.add_argument("--guidance", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="network arithmetic while sampling (recorded per row)")
+    parser.add_argument("--batch-size", type=int, default=125)
     parser.add_argument("--skip-ddpm", action="store_true", help="leave out the T-step DDPM row")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "sampling_quality.json"))
     args = parser.parse_args()
@@ -42,8 +45,10 @@ def main() -> None:
         if sampler == "ddpm" and args.skip_ddpm:
             continue
         request = SampleRequest(sampler=sampler, steps=steps, spacing=config.sample.spacing,
-                                guidance=args.guidance, clip_denoised=config.sample.clip_denoised)
-        result, protocol = evaluate_run(model, config, request, args.num, args.seed)
+                                guidance=args.guidance, clip_denoised=config.sample.clip_denoised,
+                                precision=args.precision)
+        result, protocol = evaluate_run(model, config, request, args.num, args.seed,
+                                        batch_size=args.batch_size)
         row = metrics_record(result, protocol)
         per_image = row["timing"]["seconds_per_image"]
         rows.append(row)
