@@ -1,4 +1,5 @@
-"""`dforge evaluate RUN_DIR`: FID, KID and class accuracy with their full protocol."""
+"""`dforge evaluate RUN_DIR`: FID, KID and class accuracy (or, for autoencoder runs,
+PSNR, SSIM, rFID and rKID of reconstructions) with their full protocol."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..metrics.features import FEATURE_NAMES
-from ..runs import load_run_model, write_json
+from ..runs import load_run_model, open_run, write_json
 from .sample import add_sampling_arguments, request_from_args
 
 EXAMPLE = """example:
@@ -17,7 +18,13 @@ EXAMPLE = """example:
       --guidance 2 --seed 0 --features fashion-mnist
 writes RUN_DIR/metrics.json: the numbers and the protocol (samples, sampler, steps, guidance,
 seed, EMA or raw weights, precision, feature network and its sha256, reference split and size, version,
-git commit)."""
+git commit).
+
+autoencoder runs (task=autoencoder, e.g. `dforge train fashion-vae`) are scored by
+reconstructing the first --num test images through the posterior mode: PSNR, SSIM,
+rFID and rKID against those images; --batch-size, --features and --out apply, the
+sampling flags (--sampler, --steps, --eta, --guidance, --seed, --raw, --precision) are ignored:
+  dforge evaluate runs/fashion-vae --num 10000"""
 
 
 def add_parser(sub) -> None:
@@ -39,13 +46,28 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num < 2 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--num must be >= 2, --steps and --batch-size >= 1")
-    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
-    request = request_from_args(args, config)
-    result, protocol = evaluate_run(model, config, request, args.num, args.seed,
-                                    features=args.features, batch_size=args.batch_size)
-    record = metrics_record(result, protocol)
+    if open_run(args.run_dir)[1].task == "autoencoder":
+        record = evaluate_autoencoder_run(args)
+    else:
+        model, config = load_run_model(args.run_dir, use_ema=not args.raw)
+        request = request_from_args(args, config)
+        result, protocol = evaluate_run(model, config, request, args.num, args.seed,
+                                        features=args.features, batch_size=args.batch_size)
+        record = metrics_record(result, protocol)
     out = Path(args.out) if args.out else Path(args.run_dir) / "metrics.json"
     write_json(out, record)
     print(json.dumps(record["metrics"], indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def evaluate_autoencoder_run(args: argparse.Namespace) -> dict:
+    """metrics.json of an autoencoder run: reconstruction scores and their protocol."""
+    from ..autoencoder_run import AUTOENCODER_WEIGHTS, load_autoencoder_run
+    from ..evaluation.reconstruction import evaluate_autoencoder, reconstruction_record
+
+    autoencoder, config = load_autoencoder_run(args.run_dir)
+    result, protocol = evaluate_autoencoder(autoencoder, config, args.num, args.batch_size,
+                                            features=args.features,
+                                            weights=Path(args.run_dir) / AUTOENCODER_WEIGHTS)
+    return reconstruction_record(result, protocol)

@@ -6,6 +6,9 @@ import argparse
 import resource
 import sys
 import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
 
 import lightning as L
 
@@ -18,7 +21,12 @@ from ..config.loader import config_to_yaml, load_config
 DESCRIPTION = """Train a model. With no CONFIG the default preset (class-conditional
 DDPM on the embedded Fashion-MNIST subset) runs. CONFIG is a preset name
 (see `dforge presets`) or a YAML file; key=value overrides follow it, e.g.
-trainer.max_steps=500 data.batch_size=64 model.unet.model_channels=32."""
+trainer.max_steps=500 data.batch_size=64 model.unet.model_channels=32.
+`dforge train fashion-vae` trains a KL autoencoder (task=autoencoder), the
+first stage of latent diffusion; it writes autoencoder.safetensors."""
+
+# After fit, on rank 0: export weights and write samples/final.png; returns the grid's path.
+Finish = Callable[[L.LightningModule, object, Path, object], Path]
 
 
 def add_parser(sub) -> None:
@@ -52,32 +60,67 @@ def run(args: argparse.Namespace) -> int:
         ckpt = None
     datamodule = build_datamodule(config)
     datamodule.setup("fit")  # data errors surface before a run directory is made
-    model = build_model(config, datamodule.num_classes)
+    model, finish = build_task(config, datamodule)
     if ckpt is None:
         run_dir, config = create_run_dir(config)
     model.sample_dir = run_dir / "samples"
-    return fit(config, model, datamodule, run_dir, ckpt, progress=not args.no_progress)
+    return fit(config, model, datamodule, run_dir, ckpt, progress=not args.no_progress,
+               finish=finish)
 
 
-def fit(config, model, datamodule, run_dir, ckpt, progress: bool) -> int:
+def build_task(config, datamodule) -> tuple[L.LightningModule, Finish]:
+    """The LightningModule of ``config.task`` and what to do with it after fit."""
+    if config.task == "autoencoder":
+        from ..autoencoder_run import build_autoencoder_module, finish_autoencoder_run
+
+        return build_autoencoder_module(config), finish_autoencoder_run
+    return build_model(config, datamodule.num_classes), finish_diffusion_run
+
+
+def finish_diffusion_run(model, datamodule, run_dir: Path, config) -> Path:
+    """Export the sampling weights and write samples/final.png; returns the grid."""
+    export_weights(model, run_dir)
+    return model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
+
+
+class StartStep(L.Callback):
+    """Records the global step at which fit starts (after a resume's checkpoint is loaded)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
+
+
+def trainer_config(config, model: L.LightningModule):
+    """Lightning clips gradients only under automatic optimisation; manual modules clip themselves."""
+    if model.automatic_optimization:
+        return config
+    return replace(config, optim=replace(config.optim, grad_clip=0.0))
+
+
+def fit(config, model, datamodule, run_dir, ckpt, progress: bool,
+        finish: Finish = finish_diffusion_run) -> int:
     from ..training import make_trainer
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    trainer = make_trainer(config, run_dir, progress=progress)
+    trainer = make_trainer(trainer_config(config, model), run_dir, progress=progress)
+    start_step = StartStep()
+    trainer.callbacks.append(start_step)
     start = time.time()
     with run_dir_for_workers(run_dir):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     wall = time.time() - start
     if not trainer.is_global_zero:
         return 0
-    export_weights(model, run_dir)
-    grid = model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
+    grid = finish(model, datamodule, run_dir, config)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {"wall_time_s": round(wall, 1), "global_step": trainer.global_step,
-               "resumed_from_step": model.start_step, "peak_rss_mb": round(peak_mb, 1),
+               "resumed_from_step": start_step.step, "peak_rss_mb": round(peak_mb, 1),
                "world_size": trainer.world_size}
     write_json(run_dir / "train_summary.json", summary)
     print(f"run dir: {run_dir}\nsamples: {grid}\n"
-          f"steps {model.start_step} -> {trainer.global_step} in {wall:.0f} s, "
+          f"steps {start_step.step} -> {trainer.global_step} in {wall:.0f} s, "
           f"peak memory {peak_mb:.0f} MB", file=sys.stderr)
     return 0

@@ -1,0 +1,129 @@
+"""task=autoencoder: build, finish and load a KL-autoencoder run (the first stage of LDM).
+
+`dforge train fashion-vae` trains ``AutoencoderKL`` with ``AutoencoderModule``
+through the same Lightning fit as diffusion runs (``cli.train.fit``). The run
+directory has the diffusion layout (``config.yaml``, ``checkpoints/last.ckpt``,
+``logs/version_N/``, ``samples/``, ``train_summary.json``) with, instead of
+``model*.safetensors``::
+
+    autoencoder.safetensors   the AutoencoderKL state dict (no discriminator,
+                              no LPIPS); its config in the file's metadata
+    samples/final.png         top row validation images, bottom row their
+                              reconstructions from the posterior mode
+
+Settings taken from the config:
+
+=========================  ===============================================
+``autoencoder.network``    ``AutoencoderConfig``; in/out channels and
+                           resolution are derived from ``data``
+``autoencoder.loss``       ``AutoencoderLossConfig``; ``disc_in_channels``
+                           derived from ``data.channels``
+``autoencoder.lpips_*``    LPIPS weight files (loaded only when
+                           ``loss.perceptual_weight > 0``)
+``optim.lr``               learning rate of both Adam optimisers
+``optim.grad_clip``        gradient-norm clip of each optimiser (0 = off)
+``trainer.*``              as for diffusion, but Lightning counts two
+                           optimiser steps per batch (generator, then
+                           discriminator): ``max_steps`` and
+                           ``checkpoint_every_n_steps`` count both,
+                           ``val_every_n_steps`` counts batches
+=========================  ===============================================
+
+``optim.betas``, ``weight_decay``, ``warmup_steps`` and ``ema_decay`` do not
+apply (LDM's Adam with betas (0.5, 0.9), constant rate, no EMA).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config.schema import ExperimentConfig
+from .data.datamodule import ImageDataModule
+from .errors import CheckpointError, ConfigError
+from .first_stage.autoencoder import AutoencoderKL
+from .losses.autoencoder_loss import AutoencoderLossConfig
+from .losses.lpips import load_lpips
+from .models.autoencoder_module import AutoencoderModule
+from .runs import CONFIG_FILE, open_run
+from .utils.images import save_grid
+from .weights import load_weights, save_weights
+
+__all__ = ["AUTOENCODER_WEIGHTS", "build_autoencoder", "build_autoencoder_module",
+           "finish_autoencoder_run", "load_autoencoder_run", "write_reconstruction_grid"]
+
+AUTOENCODER_WEIGHTS = "autoencoder.safetensors"
+FINAL_GRID_IMAGES = 16  # validation images (one row) above their reconstructions in final.png
+
+
+def build_autoencoder(config: ExperimentConfig) -> AutoencoderKL:
+    """The AutoencoderKL of ``autoencoder.network`` with channels and resolution from ``data``."""
+    data = config.data
+    derived = dict(in_channels=data.channels, out_channels=data.channels,
+                   resolution=data.image_size)
+    try:
+        return AutoencoderKL(dataclasses.replace(config.autoencoder.network, **derived))
+    except (ConfigError, ValueError) as err:
+        raise ConfigError(f"autoencoder.network: {err}") from None
+
+
+def loss_config(config: ExperimentConfig) -> AutoencoderLossConfig:
+    """``autoencoder.loss`` with the discriminator's input channels from ``data.channels``."""
+    try:
+        return dataclasses.replace(config.autoencoder.loss, disc_in_channels=config.data.channels)
+    except (ConfigError, ValueError) as err:
+        raise ConfigError(f"autoencoder.loss: {err}") from None
+
+
+def build_autoencoder_module(config: ExperimentConfig,
+                             sample_dir: Optional[Path] = None) -> AutoencoderModule:
+    """The LightningModule of a task=autoencoder config (LPIPS from local files, or None)."""
+    task = config.autoencoder
+    loss = loss_config(config)
+    lpips = load_lpips(task.lpips_vgg, task.lpips_lin) if loss.perceptual_weight > 0 else None
+    return AutoencoderModule(build_autoencoder(config), loss, lr=config.optim.lr, lpips=lpips,
+                             sample_dir=sample_dir, grad_clip=config.optim.grad_clip)
+
+
+@torch.no_grad()
+def write_reconstruction_grid(autoencoder: AutoencoderKL, images: torch.Tensor, path: Path) -> Path:
+    """Save ``images: (N, C, H, W)`` in [-1, 1] (top row) over their posterior-mode reconstructions."""
+    was_training = autoencoder.training
+    autoencoder.eval()
+    device = next(autoencoder.parameters()).device
+    x_hat, _ = autoencoder(images.to(device), sample_posterior=False)  # (N, C, H, W)
+    autoencoder.train(was_training)
+    grid = torch.cat([images.cpu(), x_hat.clamp(-1, 1).float().cpu()])  # (2N, C, H, W)
+    save_grid(grid, path, nrow=images.shape[0])
+    return path
+
+
+def finish_autoencoder_run(model: AutoencoderModule, datamodule: ImageDataModule,
+                           run_dir: Path, config: ExperimentConfig) -> Path:
+    """After fit: export ``autoencoder.safetensors``, write ``samples/final.png``; returns the grid."""
+    autoencoder = model.autoencoder
+    meta = {"format": "diffusionforge", "config": CONFIG_FILE,
+            "autoencoder_config": json.dumps(dataclasses.asdict(autoencoder.config))}
+    save_weights(autoencoder, run_dir / AUTOENCODER_WEIGHTS, meta)
+    val = datamodule.val_set if len(datamodule.val_set) else datamodule.train_set  # val_size may be 0
+    count = min(FINAL_GRID_IMAGES, len(val))
+    images = torch.stack([val[i]["image"] for i in range(count)])  # (N, C, H, W)
+    return write_reconstruction_grid(autoencoder, images, run_dir / "samples" / "final.png")
+
+
+def load_autoencoder_run(run_dir: str | Path) -> tuple[AutoencoderKL, ExperimentConfig]:
+    """The trained AutoencoderKL of a task=autoencoder run (eval mode) and the run's config."""
+    run_dir, config = open_run(run_dir)
+    if config.task != "autoencoder":
+        raise CheckpointError(f"{run_dir}: a task={config.task} run, not an autoencoder run "
+                              "(train one with `dforge train fashion-vae`)")
+    path = run_dir / AUTOENCODER_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: no exported weights ({AUTOENCODER_WEIGHTS} missing; "
+                              "has training finished?)")
+    autoencoder = load_weights(build_autoencoder(config), path)
+    return autoencoder.eval(), config
