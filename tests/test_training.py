@@ -1,6 +1,7 @@
 """A short Lightning fit on real (embedded Fashion-MNIST) images lowers the loss; EMA tracks it."""
 
 import lightning as L
+import pytest
 import torch
 
 from diffusionforge.build import build_datamodule, build_model
@@ -47,3 +48,14 @@ def test_sample_shapes_and_classes_respected():
                           SampleRequest(steps=3, guidance=3.0), generator=gen)
     assert images.shape == (4, 1, 28, 28)
     assert images.min() >= -1 and images.max() <= 1
+
+
+def test_slow_ema_for_the_run_length_is_warned(tmp_path):
+    config = load_config("tiny", ["data.limit_train=64", "data.batch_size=16", "optim.ema_decay=0.999"])
+    datamodule = build_datamodule(config)
+    model = build_model(config, 10)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path)
+    with pytest.warns(UserWarning, match=r"optim.ema_decay=0.999: after 2 steps the EMA weights still hold 100%"):
+        trainer.fit(model, datamodule=datamodule)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -79,6 +80,11 @@ class GenerativeModel(L.LightningModule):
     # ----------------------------------------------------------------- training
     def on_train_start(self) -> None:
         self.start_step = self.global_step
+        remaining = self.trainer.max_steps - self.global_step
+        left = self.optim_config.ema_decay ** remaining if remaining > 0 else 0.0
+        if left > 0.05:  # the EMA starts at the initial weights and never fully forgets them
+            rank_zero_warn(f"optim.ema_decay={self.optim_config.ema_decay}: after {remaining} steps the EMA "
+                           f"weights still hold {left:.0%} of the initial (random) weights; lower it")
 
     def diffusion_loss(self, batch: dict) -> Tensor:
         with torch.no_grad():
