@@ -12,7 +12,9 @@ from typing import Callable
 
 import lightning as L
 
-from ..build import build_datamodule, build_model
+from ..build import build_datamodule, build_model, prepare_first_stage
+from ..config.schema import ExperimentConfig
+from ..data.datamodule import ImageDataModule
 from ..errors import ConfigError
 from ..runs import (CONFIG_FILE, create_run_dir, export_weights, last_checkpoint, open_run,
                     run_dir_for_workers, write_json, write_text_atomic)
@@ -26,7 +28,7 @@ trainer.max_steps=500 data.batch_size=64 model.unet.model_channels=32.
 first stage of latent diffusion; it writes autoencoder.safetensors."""
 
 # After fit, on rank 0: export weights and write samples/final.png; returns the grid's path.
-Finish = Callable[[L.LightningModule, object, Path, object], Path]
+Finish = Callable[[L.LightningModule, ImageDataModule, Path, ExperimentConfig], Path]
 
 
 def add_parser(sub) -> None:
@@ -60,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         ckpt = None
     datamodule = build_datamodule(config)
     datamodule.setup("fit")  # data errors surface before a run directory is made
-    model, finish = build_task(config, datamodule)
+    config, model, finish = build_task(config, datamodule)
     if ckpt is None:
         run_dir, config = create_run_dir(config)
     model.sample_dir = run_dir / "samples"
@@ -68,16 +70,24 @@ def run(args: argparse.Namespace) -> int:
                finish=finish)
 
 
-def build_task(config, datamodule) -> tuple[L.LightningModule, Finish]:
-    """The LightningModule of ``config.task`` and what to do with it after fit."""
+def build_task(config: ExperimentConfig,
+               datamodule: ImageDataModule) -> tuple[ExperimentConfig, L.LightningModule, Finish]:
+    """The LightningModule of ``config.task`` and what to do with it after fit.
+
+    Latent diffusion loads its frozen autoencoder here and fixes the latent
+    scale, so the returned config (written to the run) records the scale used.
+    """
     if config.task == "autoencoder":
         from ..autoencoder_run import build_autoencoder_module, finish_autoencoder_run
 
-        return build_autoencoder_module(config), finish_autoencoder_run
-    return build_model(config, datamodule.num_classes), finish_diffusion_run
+        return config, build_autoencoder_module(config), finish_autoencoder_run
+    config, autoencoder = prepare_first_stage(config, datamodule)
+    model = build_model(config, datamodule.num_classes, autoencoder=autoencoder)
+    return config, model, finish_diffusion_run
 
 
-def finish_diffusion_run(model, datamodule, run_dir: Path, config) -> Path:
+def finish_diffusion_run(model, datamodule: ImageDataModule, run_dir: Path,
+                         config: ExperimentConfig) -> Path:
     """Export the sampling weights and write samples/final.png; returns the grid."""
     export_weights(model, run_dir)
     return model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
