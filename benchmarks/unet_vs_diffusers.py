@@ -7,7 +7,10 @@ head), unconditional so that the parameter sets match one to one (the class
 embedding adds the same small table to either). A training step is forward
 + MSE backward + AdamW step. Throughput is measured alternately (ours,
 diffusers, ours, ...) in one process so that machine load hits both alike;
-the table reports the median of the rounds. Peak memory is measured in a
+the table reports the median of the rounds, then the ratio of our bf16
+autocast step to diffusers' fp32 step (the project's fastest CPU setting
+against the baseline) and where our bf16 step spends its time
+(``torch.profiler`` self time per op). Peak memory is measured in a
 fresh child process per network: CUDA's ``max_memory_allocated`` on GPU, the
 growth of peak RSS over the built model on CPU.
 
@@ -153,11 +156,34 @@ def main() -> None:
         rows.append(row)
         print(f"{precision:9s} {rate['ours']:10.1f} {rate['diffusers']:15.1f} {row['ratio']:6.2f} "
               f"{memory['ours']:9.0f} {memory['diffusers']:13.0f}", flush=True)
+    fp32, bf16 = rows
+    fastest = round(bf16["ours_images_per_s"] / fp32["diffusers_images_per_s"], 3)
+    print(f"ours bf16 autocast / diffusers fp32: {fastest:.2f}x")
+    profile = where_the_time_goes(models["ours"], args.batch, args.device)
+    print("where ours spends a bf16 training step (torch.profiler, self time):")
+    for name, ms in profile:
+        print(f"  {ms:8.1f} ms  {name}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "batch": args.batch, "device": args.device, "threads": torch.get_num_threads(),
-        "rounds": args.rounds, "steps_per_round": args.steps, "parameters": params, "rows": rows},
+        "rounds": args.rounds, "steps_per_round": args.steps, "parameters": params, "rows": rows,
+        "ours_bf16_over_diffusers_fp32": fastest,
+        "ours_bf16_profile_ms": [{"op": n, "ms": round(ms, 1)} for n, ms in profile]},
         indent=2) + "\n")
+
+
+def where_the_time_goes(model: nn.Module, batch: int, device: str, top: int = 10) -> list[tuple[str, float]]:
+    """The ops with the most self time over two bf16 training steps (ms per step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step(model, batch, device, bf16=True)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
+        step(), step()
+    key = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [(e.key, getattr(e, key) / 1000 / 2) for e in events]
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """task=autoencoder end to end: `dforge train fashion-vae`, resume, `dforge evaluate`, loading, errors."""
 
+import csv
 import json
 import math
 import shutil
@@ -29,7 +30,8 @@ from test_cli import assert_one_line_error
 TINY_VAE = ["data.limit_train=256", "data.batch_size=16", "data.val_size=32",
             "autoencoder.network.base_channels=8", "autoencoder.network.channel_mult=[1,2]",
             "autoencoder.network.norm_groups=4", "autoencoder.loss.disc_start=4",
-            "autoencoder.loss.disc_ndf=8", "optim.grad_clip=1.0", "trainer.max_steps=16",
+            "autoencoder.loss.disc_ndf=8", "optim.grad_clip=1.0", "optim.warmup_steps=2",
+            "trainer.max_steps=16",
             "trainer.max_time=null", "trainer.val_every_n_steps=4",
             "trainer.checkpoint_every_n_steps=8", "trainer.limit_val_batches=1",
             "trainer.log_every_n_steps=2", "trainer.precision=32-true"]
@@ -59,6 +61,10 @@ def test_train_writes_an_autoencoder_run_directory(vae_run):
     assert summary["wall_time_s"] > 0 and summary["peak_rss_mb"] > 0
     header = (vae_run / "logs/version_0/metrics.csv").read_text().splitlines()[0]
     assert "train/rec_loss" in header and "val/psnr" in header and "train/disc_loss" in header
+    rows = list(csv.DictReader((vae_run / "logs/version_0/metrics.csv").open()))
+    lrs = [float(r["lr-Adam"]) for r in rows if r.get("lr-Adam")]
+    assert lrs[-1] < 0.2 * max(lrs)  # the preset's cosine decay, stepped once per batch
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))  # monotone after the 2-batch warm-up
     grid = np.asarray(Image.open(vae_run / "samples" / "final.png"))
     assert grid.shape == (2 * 30 + 2, 16 * 30 + 2) and grid.std() > 0  # inputs over reconstructions
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from diffusionforge.cli.main import main
@@ -21,6 +22,7 @@ def test_evaluate_records_protocol_and_repeats_exactly(tiny_run, tmp_path, capsy
     assert first["timing"]["seconds_per_image"] > 0
     metrics, protocol = first["metrics"], first["protocol"]
     assert metrics["fid"] > 0 and 0 <= metrics["class_accuracy"] <= 1
+    assert 1 <= metrics["classifier_score"] <= 10 and metrics["classifier_score_std"] >= 0
     assert protocol["num_samples"] == 20 and protocol["steps"] == 3
     assert protocol["guidance"] == 2.0 and protocol["seed"] == 5 and protocol["weights"] == "ema"
     assert protocol["precision"] == "fp32"
@@ -55,3 +57,27 @@ def test_bf16_autocast_changes_only_the_network_arithmetic(tiny_run):
         assert images[precision].dtype == torch.float32
     difference = (images["fp32"] - images["bf16"]).abs()
     assert 0 < difference.max() < 0.25 and difference.mean() < 0.02
+
+
+def test_classifier_score_on_known_cases():
+    """Real test images score near the number of classes; one class, or noise, scores near 1."""
+    from diffusionforge.config import load_config
+    from diffusionforge.evaluation.evaluate import accuracy_classifier, split_images
+    from diffusionforge.metrics.classifier_score import ClassifierScore
+
+    config = load_config("tiny")
+    classifier = accuracy_classifier(config)
+    test = split_images(config, "test")
+    images = torch.stack([test[i]["image"] for i in range(1000)])
+    labels = torch.stack([torch.as_tensor(test[i]["class_label"]) for i in range(1000)])
+
+    def score(x):
+        metric = ClassifierScore(classifier, seed=0)
+        metric.update(x)
+        return metric.compute()
+
+    real, real_std = score(images)
+    assert real > 5.5 and real_std < 1.0  # 10 balanced classes, confidently predicted (6.3 here)
+    assert score(images)[0] == real  # seeded split shuffle: the same number twice
+    assert score(images[labels == 7])[0] < 1.6  # sneakers only: confident but not diverse
+    assert score(torch.zeros(200, 1, 28, 28))[0] == pytest.approx(1.0, abs=1e-4)  # one image

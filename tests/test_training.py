@@ -59,3 +59,30 @@ def test_slow_ema_for_the_run_length_is_warned(tmp_path):
                         limit_val_batches=0, default_root_dir=tmp_path)
     with pytest.warns(UserWarning, match=r"optim.ema_decay=0.999: after 2 steps the EMA weights still hold 100%"):
         trainer.fit(model, datamodule=datamodule)
+
+
+def test_lr_schedule_warms_up_then_decays_by_a_half_cosine():
+    from diffusionforge.config.schema import OptimConfig
+    from diffusionforge.optim import lr_factor
+
+    constant = lr_factor(OptimConfig(warmup_steps=4), total_steps=100)
+    assert [constant(s) for s in (0, 1, 3, 50, 500)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = lr_factor(OptimConfig(warmup_steps=4, lr_decay="cosine", min_lr_ratio=0.1), total_steps=104)
+    assert cosine(3) == 1.0 and cosine(4) == 1.0
+    assert cosine(54) == pytest.approx(0.55)  # halfway: (1 + min) / 2
+    assert cosine(104) == pytest.approx(0.1) and cosine(10_000) == pytest.approx(0.1)
+    values = [cosine(s) for s in range(4, 105)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio"),
+    (["optim.lr_decay=linear"], "lr_decay"),
+    (["optim.lr_decay=cosine", "trainer.max_steps=100", "optim.warmup_steps=100"], "trainer.max_steps"),
+])
+def test_bad_lr_schedule_is_a_config_error(overrides, key):
+    from diffusionforge.config import load_config
+    from diffusionforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        load_config("tiny", overrides)

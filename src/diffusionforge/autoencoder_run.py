@@ -86,7 +86,8 @@ def build_autoencoder_module(config: ExperimentConfig,
     loss = loss_config(config)
     lpips = load_lpips(task.lpips_vgg, task.lpips_lin) if loss.perceptual_weight > 0 else None
     return AutoencoderModule(build_autoencoder(config), loss, lr=config.optim.lr, lpips=lpips,
-                             sample_dir=sample_dir, grad_clip=config.optim.grad_clip)
+                             sample_dir=sample_dir, grad_clip=config.optim.grad_clip,
+                             optim=config.optim)
 
 
 @torch.no_grad()

@@ -53,8 +53,14 @@ class OptimConfig:
     weight_decay: float = 0.0              # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW (beta1, beta2)
     warmup_steps: int = 200                # linear warm-up from 0 to lr over this many optimizer steps
+    lr_decay: Literal["none", "cosine"] = "none"  # after warm-up: constant, or cosine to min_lr_ratio*lr at trainer.max_steps
+    min_lr_ratio: float = 0.0              # floor of the cosine decay as a fraction of lr
     grad_clip: float = 1.0                 # clip the gradient norm to this (0 = off)
     ema_decay: float = 0.999               # EMA of the weights used for sampling (0 = EMA is a copy)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -106,3 +112,11 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     autoencoder: AutoencoderTaskConfig = field(default_factory=AutoencoderTaskConfig)  # task=autoencoder
+
+    def __post_init__(self) -> None:
+        # the schedule counts training batches: autoencoder runs make 2 optimiser steps per batch
+        batches = self.trainer.max_steps // (2 if self.task == "autoencoder" else 1)
+        if self.optim.lr_decay != "none" and batches <= self.optim.warmup_steps:
+            raise ValueError(f"optim.lr_decay={self.optim.lr_decay} decays over trainer.max_steps "
+                             f"({batches} training batches), which must exceed optim.warmup_steps "
+                             f"({self.optim.warmup_steps})")

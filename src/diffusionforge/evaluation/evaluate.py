@@ -4,8 +4,9 @@ Samples are generated for classes 0..K-1 in turn, in batches, from a seeded
 generator (the same command gives the same numbers). FID/KID are computed
 against the held-out test split on a feature network (``metrics.features``;
 by default the shipped classifier of the dataset family). That classifier
-also gives the class-conditional accuracy: the fraction of samples
-classified as the class they were generated for.
+also gives the class-conditional accuracy (the fraction of samples
+classified as the class they were generated for) and an Inception-style
+score (``metrics.classifier_score``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from tqdm import tqdm
 from ..data.datasets import build_dataset
 from ..errors import ConfigError
 from ..metrics.classifier import load_classifier
+from ..metrics.classifier_score import ClassifierScore
 from ..metrics.distribution import DistributionMetrics
 from ..metrics.features import FEATURE_NAMES, load_feature_network
 from ..models.generative import GenerativeModel, SampleRequest
@@ -36,6 +38,8 @@ class EvalResult:
     kid_mean: float
     kid_std: float
     class_accuracy: Optional[float]  # None without a class-conditional model and a classifier
+    classifier_score: Optional[float]  # Inception-style score on the classifier (None without one)
+    classifier_score_std: Optional[float]  # its std over 10 splits
     sampling_seconds: float        # wall time spent generating (not scoring)
 
 
@@ -83,7 +87,8 @@ def evaluate_run(model: GenerativeModel, config, request: SampleRequest, num: in
     """Generate ``num`` samples (classes in turn) and score them against the test split."""
     network = load_feature_network(choose_features(config.data.name, features))
     metrics = network.metrics(image_shape(config))
-    classifier = accuracy_classifier(config) if model.num_classes else None
+    classifier = accuracy_classifier(config)
+    score = ClassifierScore(classifier, seed=seed) if classifier is not None else None
     n_ref = add_images(metrics, split_images(config, "test"), True, batch_size)
     correct, sampling_seconds = 0, 0.0
     generator = torch.Generator().manual_seed(seed)
@@ -95,12 +100,16 @@ def evaluate_run(model: GenerativeModel, config, request: SampleRequest, num: in
         images = model.sample(cond, n, request, generator=generator)
         sampling_seconds += time.perf_counter() - start_time
         metrics.update(images, real=False)
-        if classifier is not None:
+        if score is not None:
+            score.update(images)
+        if classifier is not None and labels is not None:
             with torch.no_grad():
                 correct += (classifier(images).argmax(1) == labels[start:start + n]).sum().item()
     scores = metrics.compute()
-    result = EvalResult(scores.fid, scores.kid_mean, scores.kid_std,
-                        correct / num if classifier is not None else None, sampling_seconds)
+    is_mean, is_std = score.compute() if score is not None else (None, None)
+    accuracy = correct / num if classifier is not None and labels is not None else None
+    result = EvalResult(scores.fid, scores.kid_mean, scores.kid_std, accuracy, is_mean, is_std,
+                        sampling_seconds)
     protocol = EvalProtocol(
         num_samples=num, sampler=request.sampler, steps=request.steps, eta=request.eta,
         spacing=request.spacing, guidance=request.guidance, seed=seed,
@@ -126,7 +135,13 @@ def real_floor(config, features: Optional[str] = None, batch_size: int = 500) ->
     sizes = {split: add_images(metrics, split_images(config, split), split == "test", batch_size)
              for split in ("train", "test")}
     scores = metrics.compute()
-    return {"fid": scores.fid, "kid_mean": scores.kid_mean, "kid_std": scores.kid_std,
-            "train_size": sizes["train"], "test_size": sizes["test"],
+    floor = {"fid": scores.fid, "kid_mean": scores.kid_mean, "kid_std": scores.kid_std}
+    classifier = accuracy_classifier(config)
+    if classifier is not None:  # the score of real test images: the ceiling of a model's score
+        score = ClassifierScore(classifier)
+        for batch in DataLoader(split_images(config, "test"), batch_size=batch_size):
+            score.update(batch["image"])
+        floor["test_classifier_score"], floor["test_classifier_score_std"] = score.compute()
+    return {**floor, "train_size": sizes["train"], "test_size": sizes["test"],
             "features": network.name, "features_sha256": network.sha256,
             "data": config.data.name}

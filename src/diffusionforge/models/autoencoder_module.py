@@ -27,9 +27,11 @@ import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio
 
+from ..config.schema import OptimConfig
 from ..first_stage.autoencoder import AutoencoderKL
 from ..losses.autoencoder_loss import AutoencoderLossConfig, LPIPSWithDiscriminator
 from ..losses.lpips import LPIPS
+from ..optim import lr_scheduler
 from ..utils.images import save_grid
 
 __all__ = ["AutoencoderModule"]
@@ -43,13 +45,15 @@ GRID_COLUMNS = 8  # validation images shown in the reconstruction grid
 class AutoencoderModule(L.LightningModule):
     def __init__(self, autoencoder: AutoencoderKL, loss_config: AutoencoderLossConfig, lr: float,
                  lpips: Optional[LPIPS] = None, sample_dir: Optional[Path] = None,
-                 grad_clip: float = 0.0):
+                 grad_clip: float = 0.0, optim: Optional[OptimConfig] = None):
         super().__init__()
         self.autoencoder = autoencoder
         self.loss = LPIPSWithDiscriminator(loss_config, lpips)
         self.lr = lr  # learning rate of both Adam optimisers
         self.sample_dir = sample_dir  # where validation writes input/reconstruction grids
         self.grad_clip = grad_clip  # clip each optimiser's gradient norm to this (0 = off)
+        # warm-up and decay of both learning rates, per training batch (None: constant lr)
+        self.optim_config = optim
         self.automatic_optimization = False
         self.val_psnr = PeakSignalNoiseRatio(data_range=DATA_RANGE)
         self._grid: Optional[Tensor] = None  # (2 n, C, H, W): inputs, then reconstructions
@@ -76,6 +80,10 @@ class AutoencoderModule(L.LightningModule):
         self._optimizer_step(opt_d, d.loss)
         self.untoggle_optimizer(opt_d)
 
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] * bool(schedulers):
+            scheduler.step()
+
         logs = {**g.log("train"), **d.log("train")}
         self.log("train/rec_loss", logs.pop("train/rec_loss"), prog_bar=True)
         self.log_dict(logs)
@@ -94,7 +102,10 @@ class AutoencoderModule(L.LightningModule):
             params.append(self.loss.logvar)
         opt_g = torch.optim.Adam(params, lr=self.lr, betas=ADAM_BETAS)
         opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.lr, betas=ADAM_BETAS)
-        return [opt_g, opt_d]
+        if self.optim_config is None:
+            return [opt_g, opt_d]
+        batches = self.trainer.max_steps // STEPS_PER_BATCH  # the schedules count training batches
+        return [opt_g, opt_d], [lr_scheduler(opt, self.optim_config, batches) for opt in (opt_g, opt_d)]
 
     # --------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -29,6 +29,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ..conditioning import Cond, ConditionerWrapper
 from ..conditioning.labels import LabelConditioning
 from ..config.schema import OptimConfig, SampleConfig
+from ..optim import lr_scheduler
 from ..processes.gaussian import GaussianDiffusion
 from ..samplers import SAMPLERS, SamplePrecision, autocast_denoise, classifier_free_guidance
 from ..utils.images import save_grid
@@ -118,9 +119,8 @@ class GenerativeModel(L.LightningModule):
         cfg = self.optim_config
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                       weight_decay=cfg.weight_decay)
-        warmup = max(1, cfg.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        total = self.trainer.max_steps if self._trainer is not None else -1
+        schedule = lr_scheduler(optimizer, cfg, total)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
