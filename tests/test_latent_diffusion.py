@@ -140,3 +140,41 @@ def test_text_conditioning_without_captions_is_a_config_error():
 def test_caption_template_needs_one_placeholder():
     with pytest.raises(ConfigError, match="data.caption_template"):
         load_config("tiny", ["data.caption_template=a photo"])
+
+
+def test_concat_conditioner_resizes_to_the_latent_grid_and_zeroes_dropped_samples():
+    from diffusionforge.conditioning.spatial import ConcatConditionerConfig, SpatialConcat
+
+    cond = SpatialConcat(ConcatConditionerConfig(input_key="mask", channels=1), size=(7, 7))
+    mask = torch.zeros(2, 1, 28, 28)
+    mask[:, :, :14] = 1  # top half
+    out = cond({"mask": mask})
+    assert out.shape == (2, 1, 7, 7)
+    assert torch.equal(out[:, :, :3], torch.ones(2, 1, 3, 7)) and torch.equal(out[:, :, 4:], torch.zeros(2, 1, 3, 7))
+    assert torch.equal(cond({"mask": mask}, force_uncond=True), torch.zeros(2, 1, 7, 7))
+    with pytest.raises(ValueError, match=r"batch\['mask'\] must be \(B, 1, H, W\)"):
+        cond({"mask": torch.zeros(2, 3, 28, 28)})
+
+
+def test_hybrid_conditioning_concat_plus_crossattn_in_latent_space():
+    """LDM 'hybrid': a mask stacked onto z_t and caption tokens through cross-attention."""
+    model, _ = latent_model(["model.conditioning.class_label=null", "model.conditioning.text.max_length=8",
+                             "data.caption_template=a photo of {}", "model.conditioning.concat.input_key=mask",
+                             "model.conditioning.concat.channels=1"])
+    backbone = model.net["backbone"]
+    assert backbone.config.concat_channels == 1 and backbone.config.context_dim == 384
+    batch = {"image": torch.rand(2, 1, 28, 28) * 2 - 1, "caption": ["a photo of a bag"] * 2,
+             "mask": torch.ones(2, 1, 28, 28)}
+    cond = model.net["conditioner"](batch)
+    assert cond["concat"].shape == (2, 1, 7, 7) and cond["crossattn"].shape[:2] == (2, 8)
+    loss = model.diffusion_loss(batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for p in backbone.out.parameters():  # zero-initialised output layer: give it weights to see through
+        torch.nn.init.normal_(p, std=0.1)
+    z, t = torch.randn(2, 4, 7, 7), torch.tensor([10, 500])
+    outs = [backbone(z, t, model.net["conditioner"]({**batch, "mask": m}))
+            for m in (torch.ones(2, 1, 28, 28), torch.zeros(2, 1, 28, 28))]
+    assert not torch.allclose(*outs)  # the mask channel reaches the output
+    images = model.sample({"caption": batch["caption"], "mask": batch["mask"]}, 2, SampleRequest(steps=2))
+    assert images.shape == (2, 1, 28, 28)

@@ -12,6 +12,7 @@ from torch import nn
 from .backbones import BACKBONES
 from .conditioning import ClassEmbedder, Conditioner, ConditionerWrapper
 from .conditioning.labels import LabelConditioning
+from .conditioning.spatial import SpatialConcat
 from .conditioning.text import TextConditioner
 from .config.schema import ExperimentConfig
 from .data.captions import caption_names
@@ -23,7 +24,8 @@ from .models.generative import GenerativeModel
 from .processes.gaussian import GaussianDiffusion
 
 
-def build_conditioner(config: ExperimentConfig) -> ConditionerWrapper:
+def build_conditioner(config: ExperimentConfig, grid: tuple[int, int]) -> ConditionerWrapper:
+    """The conditioners of ``model.conditioning``; ``grid`` is the (H, W) of x_t (concat size)."""
     conditioners: list[Conditioner] = []
     class_cfg = config.model.conditioning.class_label
     if class_cfg is not None:
@@ -34,6 +36,9 @@ def build_conditioner(config: ExperimentConfig) -> ConditionerWrapper:
             raise ConfigError("model.conditioning.text: needs captions; set data.caption_template "
                               "(e.g. 'a photo of {}')")
         conditioners.append(TextConditioner(text_cfg))
+    concat_cfg = config.model.conditioning.concat
+    if concat_cfg is not None:
+        conditioners.append(SpatialConcat(concat_cfg, grid))
     return ConditionerWrapper(conditioners)
 
 
@@ -82,7 +87,8 @@ def build_backbone(config: ExperimentConfig, conditioner: ConditionerWrapper,
     learned = model.process.variance_type == "learned_range"
     derived = dict(in_channels=channels, out_channels=channels * (2 if learned else 1),
                    vector_dim=conditioning_dim(conditioner, "vector"),
-                   context_dim=conditioning_dim(conditioner, "crossattn"))
+                   context_dim=conditioning_dim(conditioner, "crossattn"),
+                   concat_channels=conditioning_dim(conditioner, "concat") or 0)
     backbone_cfg = getattr(model, model.backbone)
     try:
         backbone_cfg = dataclasses.replace(backbone_cfg, **derived)
@@ -112,9 +118,9 @@ def build_model(config: ExperimentConfig, num_classes: Optional[int] = None,
     if class_cfg is not None and num_classes is not None and class_cfg.num_classes != num_classes:
         raise ConfigError(f"model.conditioning.class_label.num_classes is {class_cfg.num_classes} "
                           f"but the dataset '{config.data.name}' has {num_classes} classes")
-    conditioner = build_conditioner(config)
     first_stage = build_first_stage(config, autoencoder)
     shape = diffusion_shape(config, first_stage)
+    conditioner = build_conditioner(config, grid=shape[1:])
     backbone = build_backbone(config, conditioner, channels=shape[0])
     return GenerativeModel(
         backbone=backbone, process=GaussianDiffusion(config.model.process),

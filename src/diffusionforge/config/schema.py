@@ -14,6 +14,7 @@ from typing import Literal, Optional
 
 from ..backbones.unet import UNetConfig
 from ..conditioning.class_label import ClassLabelConfig
+from ..conditioning.spatial import ConcatConditionerConfig
 from ..conditioning.text import TextConditionerConfig
 from ..data.datamodule import DataConfig
 from ..first_stage.autoencoder import AutoencoderConfig
@@ -25,6 +26,7 @@ from ..processes.gaussian import GaussianDiffusionConfig
 class ConditioningConfig:
     class_label: Optional[ClassLabelConfig] = None   # class-conditional model (vector)
     text: Optional[TextConditionerConfig] = None     # captions: crossattn tokens, or vector (adm mode)
+    concat: Optional[ConcatConditionerConfig] = None  # spatial map stacked onto x_t (concat; + text = hybrid)
 
 
 @dataclass
