@@ -248,3 +248,31 @@ def test_too_long_and_bad_captions_rejected(tiny_paths):
         TextConditioner(TextConditionerConfig(path=tiny_paths["minilm"], max_length=40))
     with pytest.raises(TypeError, match="list of B caption strings"):
         _conditioner(tiny_paths)({"caption": torch.zeros(2)})
+
+
+def test_frozen_encoder_outputs_are_cached_per_caption(tiny_paths):
+    cached = _conditioner(tiny_paths)
+    uncached = _conditioner(tiny_paths, cache_size=0)
+    calls = []
+    cached.encoder.register_forward_hook(lambda module, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]),
+                                         with_kwargs=True)
+    captions = [CAPTIONS[0], CAPTIONS[1], CAPTIONS[0]]
+    first = cached({"caption": captions})
+    again = cached({"caption": list(reversed(captions))})
+    assert calls == [2]  # two distinct captions, encoded once, then served from the cache
+    reference = uncached({"caption": captions})
+    torch.testing.assert_close(first.value, reference.value, atol=1e-5, rtol=1e-5)
+    assert torch.equal(first.mask, reference.mask)
+    assert torch.equal(again.value, first.value.flip(0)) and torch.equal(again.mask, first.mask.flip(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cached({"caption": captions[:1]})
+    assert calls == [2, 1]  # autocast outputs are their own entries
+    cached.load_state_dict(cached.state_dict())
+    cached({"caption": captions[:1]})
+    assert calls == [2, 1, 1]  # loading weights empties the cache
+
+
+def test_cache_keeps_at_most_cache_size_captions(tiny_paths):
+    text = _conditioner(tiny_paths, cache_size=2)
+    text({"caption": ["a", "b", "c"]})
+    assert len(text._cache) == 2 and ("c", None) in text._cache
