@@ -34,8 +34,8 @@ eval mode when the module is put in train mode. Its weights remain part of
 this module's state dict (prefix ``encoder.``), so an exported model file
 includes them. Being a fixed function of the caption, its outputs are cached
 per distinct caption (``cache_size``): captions made from class names then
-cost the encoder's forward pass once, not every batch (3x the training
-steps of ``fashion-ldm-text`` in the same time).
+cost the encoder's forward pass once, not every batch (``fashion-ldm-text``
+made 668 training steps in its 8 minutes with the cache, 531 without).
 """
 
 from __future__ import annotations
