@@ -40,7 +40,7 @@ def main() -> None:
     args = parser.parse_args()
     model, config = load_run_model(args.run_dir)
     rows = []
-    print(f"{'sampler':8s} {'steps':>5s} {'FID':>8s} {'KID':>9s} {'acc':>6s} {'s/img':>7s}")
+    print(f"{'sampler':8s} {'steps':>5s} {'FID':>8s} {'KID':>9s} {'acc':>6s} {'score':>6s} {'s/img':>7s}")
     for sampler, steps in settings(config.model.process.num_timesteps):
         if sampler == "ddpm" and args.skip_ddpm:
             continue
@@ -52,11 +52,16 @@ def main() -> None:
         row = metrics_record(result, protocol)
         per_image = row["timing"]["seconds_per_image"]
         rows.append(row)
-        print(f"{sampler:8s} {steps:5d} {result.fid:8.2f} {result.kid_mean:9.5f} "
-              f"{result.class_accuracy:6.1%} {per_image:7.3f}", flush=True)
+        print(f"{sampler:8s} {steps:5d} {result.fid:8.3f} {result.kid_mean:9.5f} "
+              f"{result.class_accuracy:6.1%} {result.classifier_score:6.2f} {per_image:7.3f}", flush=True)
+    fid = {(r["protocol"]["sampler"], r["protocol"]["steps"]): r["metrics"]["fid"] for r in rows}
+    ddpm = fid.get(("ddpm", config.model.process.num_timesteps))
+    ratio = fid[("ddim", 50)] / ddpm if ddpm else None
+    if ratio is not None:
+        print(f"FID of DDIM-50 / FID of DDPM-{config.model.process.num_timesteps}: {ratio:.3f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"run_dir": str(args.run_dir), "threads": torch.get_num_threads(),
-                                          "rows": rows}, indent=2) + "\n")
+                                          "ddim50_over_ddpm_fid": ratio, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

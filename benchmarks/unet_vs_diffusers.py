@@ -11,8 +11,9 @@ the table reports the median of the rounds, then the ratio of our bf16
 autocast step to diffusers' fp32 step (the project's fastest CPU setting
 against the baseline) and where our bf16 step spends its time
 (``torch.profiler`` self time per op). Peak memory is measured in a
-fresh child process per network: CUDA's ``max_memory_allocated`` on GPU, the
-growth of peak RSS over the built model on CPU.
+fresh child process per network: CUDA's ``max_memory_allocated`` on GPU; on
+CPU the peak resident set (VmHWM, reset just before) over the resident set
+of the built model, i.e. what two training steps add.
 
     python benchmarks/unet_vs_diffusers.py [--batch 128] [--rounds 5] [--steps 3] [--device cpu]
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -108,9 +108,23 @@ def peak_memory_child(name: str, batch: int, device: str, bf16: bool, queue) -> 
         step(), step()
         queue.put((torch.cuda.max_memory_allocated() - base) / 2**20)
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        reset_peak_rss()
+        base = rss_kib("VmRSS")
         step(), step()
-        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
+        queue.put((rss_kib("VmHWM") - base) / 1024)
+
+
+def rss_kib(field: str) -> int:
+    """VmRSS (resident now) or VmHWM (peak resident) of this process, KiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def reset_peak_rss() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0), so the peak counts only what follows."""
+    Path("/proc/self/clear_refs").write_text("5")
 
 
 def peak_memory_mib(name: str, batch: int, device: str, bf16: bool) -> float:
