@@ -45,7 +45,8 @@ def main() -> None:
         if sampler == "ddpm" and args.skip_ddpm:
             continue
         request = SampleRequest(sampler=sampler, steps=steps, spacing=config.sample.spacing,
-                                guidance=args.guidance, clip_denoised=config.sample.clip_denoised,
+                                guidance=args.guidance, guidance_channels=config.sample.guidance_channels,
+                                clip_denoised=config.sample.clip_denoised,
                                 precision=args.precision)
         result, protocol = evaluate_run(model, config, request, args.num, args.seed,
                                         batch_size=args.batch_size)

@@ -79,16 +79,21 @@ def diffusion_shape(config: ExperimentConfig, first_stage: nn.Module) -> tuple[i
 
 
 def build_backbone(config: ExperimentConfig, conditioner: ConditionerWrapper,
-                   channels: Optional[int] = None) -> nn.Module:
-    """The backbone with its channel counts derived from data/latents, process and conditioning."""
+                   shape: Optional[tuple[int, int, int]] = None) -> nn.Module:
+    """The backbone with its sizes derived from data/latents ``shape`` (C, H, W), process and conditioning."""
     model = config.model
     config_cls, backbone_cls = BACKBONES[model.backbone]
-    channels = config.data.channels if channels is None else channels
+    size = config.data.image_size
+    channels, height, width = (config.data.channels, size, size) if shape is None else shape
     learned = model.process.variance_type == "learned_range"
     derived = dict(in_channels=channels, out_channels=channels * (2 if learned else 1),
                    vector_dim=conditioning_dim(conditioner, "vector"),
                    context_dim=conditioning_dim(conditioner, "crossattn"),
                    concat_channels=conditioning_dim(conditioner, "concat") or 0)
+    if "input_size" in {f.name for f in dataclasses.fields(config_cls)}:  # DiT: a fixed square token grid
+        if height != width:
+            raise ConfigError(f"model.{model.backbone}: needs square inputs, got {height}x{width}")
+        derived["input_size"] = height
     backbone_cfg = getattr(model, model.backbone)
     try:
         backbone_cfg = dataclasses.replace(backbone_cfg, **derived)
@@ -121,7 +126,7 @@ def build_model(config: ExperimentConfig, num_classes: Optional[int] = None,
     first_stage = build_first_stage(config, autoencoder)
     shape = diffusion_shape(config, first_stage)
     conditioner = build_conditioner(config, grid=shape[1:])
-    backbone = build_backbone(config, conditioner, channels=shape[0])
+    backbone = build_backbone(config, conditioner, shape=shape)
     return GenerativeModel(
         backbone=backbone, process=GaussianDiffusion(config.model.process),
         conditioner=conditioner, first_stage=first_stage, latent_shape=shape, optim=config.optim,

@@ -9,9 +9,10 @@ t: (B,), cond: Optional[dict[str, Tensor]]) -> (B, out_channels, H, W)``, with
 with ``cls(config_cls(**fields))``.
 """
 
+from diffusionforge.backbones.dit import DIT_MODELS, DiT, DiTConfig
 from diffusionforge.backbones.embeddings import timestep_embedding
 from diffusionforge.backbones.unet import UNet, UNetConfig
 
-BACKBONES = {"unet": (UNetConfig, UNet)}  # name -> (config dataclass, module class)
+BACKBONES = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}  # name -> (config dataclass, module class)
 
-__all__ = ["BACKBONES", "UNet", "UNetConfig", "timestep_embedding"]
+__all__ = ["BACKBONES", "DIT_MODELS", "DiT", "DiTConfig", "UNet", "UNetConfig", "timestep_embedding"]

@@ -32,13 +32,21 @@ from torch import Tensor, nn
 DEFAULT_MAX_PERIOD = 10_000  # longest wavelength of the sinusoids (LDM, ADM)
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: int = DEFAULT_MAX_PERIOD) -> Tensor:
-    """Sinusoidal features of timesteps ``t: (B,)`` -> ``(B, dim)`` float32, cos first."""
+def timestep_embedding(t: Tensor, dim: int, max_period: int = DEFAULT_MAX_PERIOD,
+                       freq_shift: int = 0) -> Tensor:
+    """Sinusoidal features of timesteps ``t: (B,)`` -> ``(B, dim)`` float32, cos first.
+
+    ``freq_shift`` = s uses frequencies ``P ** (-i / (D // 2 - s))``: 0 everywhere
+    here and in LDM/ADM/DiT; diffusers' DiT (``CombinedTimestepLabelEmbeddings``)
+    uses 1, so its converted checkpoints need it.
+    """
     if t.ndim != 1:
         raise ValueError(f"timesteps must have shape (B,), got {tuple(t.shape)}")
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / half
-    freqs = torch.exp(-math.log(max_period) * exponent)  # (D/2,)
+    # the references' order of operations: (-log P * i) / (D/2 - s); another order moves
+    # freqs by an ulp, which at t ~ 1000 shifts the phases by ~1e-4
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    freqs = torch.exp(exponent)  # (D/2,)
     args = t.float()[:, None] * freqs[None, :]  # (B, D/2)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * (D/2))
     if dim % 2:

@@ -312,7 +312,7 @@ def _take(cond: dict[str, Tensor], key: str, used: bool, shape: tuple, names: st
     expected = "(" + ", ".join("L" if s is None else str(s) for s in shape) + ")"
     if not used:
         if key in cond:
-            raise ValueError(f"cond[{key!r}] given but this UNet's config does not use it (see UNetConfig)")
+            raise ValueError(f"cond[{key!r}] given but this backbone's config does not use it")
         return None
     if key not in cond:
         raise ValueError(f"cond[{key!r}] is required: expected shape {names} = {expected}")

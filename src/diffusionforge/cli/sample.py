@@ -68,6 +68,7 @@ def request_from_args(args: argparse.Namespace, config) -> SampleRequest:
     return SampleRequest(
         sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=config.sample.spacing,
         guidance=config.sample.guidance if args.guidance is None else args.guidance,
+        guidance_channels=config.sample.guidance_channels,
         clip_denoised=config.sample.clip_denoised, use_ema=not args.raw, precision=args.precision)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from ..backbones.dit import DiTConfig
 from ..backbones.unet import UNetConfig
 from ..conditioning.class_label import ClassLabelConfig
 from ..conditioning.spatial import ConcatConditionerConfig
@@ -41,8 +42,9 @@ class LatentConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: Literal["unet"] = "unet"               # which backbone config below is used
+    backbone: Literal["unet", "dit"] = "unet"        # which backbone config below is used
     unet: UNetConfig = field(default_factory=UNetConfig)  # in/out channels and vector_dim are derived
+    dit: DiTConfig = field(default_factory=DiTConfig)     # the transformer; input size and channels derived
     process: GaussianDiffusionConfig = field(default_factory=GaussianDiffusionConfig)
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     first_stage: Literal["identity", "autoencoder"] = "identity"  # pixel space, or latent diffusion
@@ -88,6 +90,7 @@ class SampleConfig:
     eta: float = 0.0                       # DDIM eta (0 = deterministic)
     spacing: Literal["leading", "trailing", "linspace"] = "leading"  # timestep spacing
     guidance: float = 2.0                  # classifier-free guidance scale (1 = off)
+    guidance_channels: Optional[int] = None  # guide the first k output channels; None = all C prediction channels (DiT's published sampler: 3)
     clip_denoised: bool = True             # clip predicted x0 to [-1, 1] while sampling
     per_class: int = 8                     # samples per class in the validation grids
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Optional
 
 from .. import __version__
 
@@ -22,6 +23,7 @@ class EvalProtocol:
     eta: float                 # DDIM eta
     spacing: str               # timestep spacing
     guidance: float            # classifier-free guidance scale
+    guidance_channels: Optional[int]  # output channels guided; None = all prediction channels
     seed: int                  # seed of the sampling noise
     weights: str               # ema | raw
     precision: str             # fp32 | bf16: the network's arithmetic while sampling

@@ -43,6 +43,7 @@ class SampleRequest:
     eta: float = 0.0
     spacing: str = "leading"
     guidance: float = 1.0
+    guidance_channels: Optional[int] = None  # first k channels guided; None = all prediction channels
     clip_denoised: bool = True
     use_ema: bool = True
     precision: SamplePrecision = "fp32"  # bf16: the network runs under autocast, the sampler in fp32
@@ -147,7 +148,8 @@ class GenerativeModel(L.LightningModule):
             if request.precision == "bf16":
                 denoise = autocast_denoise(denoise, self.device.type)
             if cond is not None and request.guidance != 1.0:
-                denoise = classifier_free_guidance(denoise, request.guidance, uncond)
+                denoise = classifier_free_guidance(denoise, request.guidance, uncond,
+                                                   guided_channels=self.guided_channels(request))
             x_T = torch.randn((num, *self.latent_shape), generator=generator,
                               device=self.device)
             kwargs = dict(num_steps=request.steps, spacing=request.spacing,
@@ -159,6 +161,20 @@ class GenerativeModel(L.LightningModule):
             return self.first_stage.decode(out.sample).clamp(-1, 1)
         finally:
             net.train(was_training)
+
+    def guided_channels(self, request: SampleRequest) -> Optional[int]:
+        """Output channels guidance mixes: the request's k, else every prediction channel.
+
+        A learned variance (``2C`` outputs) keeps its last C channels from the
+        conditional branch; ``k = 3`` on 4-channel latents reproduces the
+        published DiT sampler (``forward_with_cfg``), which guides 3 of 4.
+        """
+        channels = self.latent_shape[0]
+        k = request.guidance_channels
+        if k is not None and not 1 <= k <= channels:
+            raise ValueError(f"guidance_channels must be in 1..{channels} (the prediction's channels), got {k}")
+        learned = self.process.config.variance_type == "learned_range"
+        return k if k is not None else (channels if learned else None)
 
     @torch.no_grad()
     def inpaint(self, batch: dict, images: Tensor, mask: Tensor, request: SampleRequest,
@@ -200,6 +216,7 @@ class GenerativeModel(L.LightningModule):
         batch, num, nrow = self.grid_batch(cfg.per_class)
         request = SampleRequest(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
                                 spacing=cfg.spacing, guidance=cfg.guidance,
+                                guidance_channels=cfg.guidance_channels,
                                 clip_denoised=cfg.clip_denoised)
         generator = torch.Generator(self.device).manual_seed(seed)
         images = self.sample(batch, num, request, generator=generator)
