@@ -203,3 +203,62 @@ def test_block_without_context_has_no_cross_attention_parameters():
     assert not hasattr(block, "cross_attn")
     dim = 32  # qkv 3D^2+3D, proj D^2+D, fc1 4D^2+4D, fc2 4D^2+D, adaLN 6D^2+6D
     assert sum(p.numel() for p in block.parameters()) == 18 * dim * dim + 15 * dim
+
+
+# ------------------------------------------------------------ in the shared GenerativeModel
+PIXEL_DIT = ["model.backbone=dit", "model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2",
+             "model.dit.patch_size=4", "model.process.variance_type=learned_range",
+             "model.conditioning.class_label.embed_dim=32"]
+
+
+def pixel_dit_model(*extra):
+    from diffusionforge.build import build_model
+    from diffusionforge.config import load_config
+
+    config = load_config("tiny", [*PIXEL_DIT, *extra])
+    return build_model(config), config
+
+
+def test_a_dit_run_derives_its_sizes_and_trains_the_hybrid_loss():
+    model, config = pixel_dit_model()
+    dit = model.net["backbone"]
+    assert isinstance(dit, DiT)
+    assert (dit.config.in_channels, dit.config.out_channels, dit.config.input_size) == (1, 2, 28)
+    assert dit.config.vector_dim == 32 and not hasattr(dit, "vector_proj")  # the label table is DiT's y_embedder
+    batch = {"image": torch.rand(4, 1, 28, 28) * 2 - 1, "class_label": torch.tensor([0, 1, 2, 3])}
+    losses = model.diffusion_loss(batch)
+    assert torch.is_tensor(losses.loss_vlb) and losses.loss_vlb.shape == (4,)
+    losses.loss.backward()
+    assert all(p.grad is not None for p in dit.parameters())
+    with pytest.raises(ConfigError, match="model.dit: DiTConfig.patch_size 3 does not divide the input size 28"):
+        pixel_dit_model("model.dit.patch_size=3")
+
+
+def test_guidance_mixes_the_prediction_channels_and_keeps_the_variance_conditional():
+    from diffusionforge.models.generative import SampleRequest
+
+    model, _ = pixel_dit_model()
+    assert model.guided_channels(SampleRequest(guidance=4.0)) == 1  # C = 1 of the 2C outputs
+    assert model.guided_channels(SampleRequest(guidance=4.0, guidance_channels=1)) == 1
+    with pytest.raises(ValueError, match="guidance_channels must be in 1..1"):
+        model.guided_channels(SampleRequest(guidance=4.0, guidance_channels=3))
+    fixed, _ = pixel_dit_model("model.process.variance_type=fixed_small")
+    assert fixed.guided_channels(SampleRequest(guidance=4.0)) is None  # every output channel
+    images = model.sample({"class_label": torch.tensor([0, 5])}, 2, SampleRequest(steps=3, guidance=4.0),
+                          generator=torch.Generator().manual_seed(0))
+    assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
+
+
+def test_learned_variance_of_a_dit_stays_between_beta_tilde_and_beta():
+    model, _ = pixel_dit_model()
+    dit, process = model.net["backbone"], model.process
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.normal_(0, 0.02)
+        x, t = torch.randn(4, 1, 28, 28), torch.tensor([1, 10, 50, 99])  # tiny: 100 steps
+        out = dit(x, t, model.net["conditioner"]({"class_label": torch.tensor([0, 1, 2, 3])}))
+        p = process.p_mean_variance(out, x, t)
+    low = process.posterior_log_variance_clipped[t].view(-1, 1, 1, 1)
+    high = torch.log(process.betas[t]).view(-1, 1, 1, 1)
+    assert out[:, 1:].abs().max() < 1  # v in [-1, 1] for these weights
+    assert bool(((p.log_variance >= low - 1e-5) & (p.log_variance <= high + 1e-5)).all())

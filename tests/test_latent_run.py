@@ -1,5 +1,5 @@
-"""Latent diffusion end to end through the CLI: a tiny fashion-vae run, then fashion-ldm and
-fashion-ldm-text on its latents, then sample, evaluate, resume and convert those runs."""
+"""Latent diffusion end to end through the CLI: a tiny fashion-vae run, then fashion-ldm,
+fashion-ldm-text and fashion-dit on its latents, then sample, evaluate, resume and convert those runs."""
 
 import json
 
@@ -24,6 +24,11 @@ TINY_LDM = ["data.limit_train=256", "data.batch_size=16", "data.val_size=32",
             "trainer.max_time=null", "trainer.val_every_n_steps=3",
             "trainer.checkpoint_every_n_steps=3", "trainer.limit_val_batches=1",
             "trainer.precision=32-true", "sample.steps=3", "sample.per_class=1"]
+# The same run settings for a tiny latent DiT (its own architecture keys instead of the UNet's).
+TINY_DIT = [o for o in TINY_LDM if not o.startswith("model.unet.")] + [
+    "model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2", "model.dit.patch_size=2",
+    "model.conditioning.class_label.embed_dim=32"]
+LATENT_PRESETS = ["fashion-ldm", "fashion-ldm-text", "fashion-dit"]
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +37,15 @@ def runs(tmp_path_factory):
     vae = root / "vae"
     assert main(["train", "fashion-vae", *TINY_VAE, f"run_dir={vae}", "--no-progress"]) == 0
     made = {"vae": vae}
-    for preset in ["fashion-ldm", "fashion-ldm-text"]:
+    for preset in LATENT_PRESETS:
         made[preset] = root / preset
-        assert main(["train", preset, *TINY_LDM, f"model.latent.run_dir={vae}",
+        overrides = TINY_DIT if preset == "fashion-dit" else TINY_LDM
+        assert main(["train", preset, *overrides, f"model.latent.run_dir={vae}",
                      f"run_dir={made[preset]}", "--no-progress"]) == 0
     return made
 
 
-@pytest.mark.parametrize("preset", ["fashion-ldm", "fashion-ldm-text"])
+@pytest.mark.parametrize("preset", LATENT_PRESETS)
 def test_latent_run_directory_records_its_scale_and_first_stage(runs, preset):
     run_dir = runs[preset]
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -67,7 +73,7 @@ def test_latent_run_loads_without_its_autoencoder_run(runs, tmp_path):
     assert model.first_stage.scale_factor == pytest.approx(config.model.latent.scale_factor)
 
 
-@pytest.mark.parametrize("preset", ["fashion-ldm", "fashion-ldm-text"])
+@pytest.mark.parametrize("preset", LATENT_PRESETS)
 def test_sample_and_evaluate_a_latent_run(runs, preset, tmp_path, capsys):
     run_dir = runs[preset]
     out = tmp_path / "grid.png"
@@ -107,3 +113,27 @@ def test_convert_a_latent_run_to_diffusers(runs, tmp_path):
     with torch.no_grad():
         ours = model.first_stage.autoencoder.encode(x).mode()
         torch.testing.assert_close(theirs.encode(x).latent_dist.mode(), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_convert_a_latent_dit_run_to_the_published_layouts(runs, tmp_path):
+    """A class-conditional DiT run exports as the official state dict (ours) and as diffusers' DiT."""
+    from diffusers import DiTTransformer2DModel
+
+    from diffusionforge.interop import load_ours
+
+    run_dir = runs["fashion-dit"]
+    assert main(["convert", str(run_dir), "--kind", "dit", "--to", "ours", "--out", str(tmp_path / "ours")]) == 0
+    label_dit, kind = load_ours(tmp_path / "ours")
+    assert kind == "dit" and label_dit.config.learn_sigma and label_dit.config.patch_size == 2
+    model, config = load_run_model(run_dir)
+    net = model.sampling_net()
+    x, t, y = torch.randn(3, 4, 14, 14), torch.tensor([0, 50, 99]), torch.tensor([1, 7, 10])
+    with torch.no_grad():
+        want = net["backbone"](x, t, net["conditioner"]({"class_label": y}))
+        torch.testing.assert_close(label_dit(x, t, y), want)  # label 10 = the null class of guidance
+    with pytest.warns(UserWarning, match="downscale_freq_shift=1"):
+        assert main(["convert", str(run_dir), "--kind", "dit", "--to", "diffusers",
+                     "--out", str(tmp_path / "diffusers")]) == 0
+    theirs = DiTTransformer2DModel.from_pretrained(tmp_path / "diffusers").eval()
+    assert sum(p.numel() for p in theirs.transformer_blocks[0].parameters()) > 0
+    assert main(["convert", str(run_dir), "--kind", "unet", "--to", "ours", "--out", str(tmp_path / "x")]) == 2

@@ -76,7 +76,7 @@ class DiTConfig:
     mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
     in_channels: int = 4  # channels of x (without concat); derived from data / latents
     out_channels: int = 4  # 2 * in_channels for a learned sigma; derived from the process
-    input_size: int = 32  # H = W of x; derived from data / latents
+    input_size: Optional[int] = None  # H = W of x; derived from data / latents in a run
     vector_dim: Optional[int] = None  # width of cond["vector"]; derived from the conditioners
     context_dim: Optional[int] = None  # width of cond["crossattn"]; adds cross-attention per block
     concat_channels: int = 0  # channels of cond["concat"]
@@ -103,14 +103,14 @@ class DiTConfig:
                 raise ConfigError(f"DiTConfig.{f.name} must be an integer, got {value!r}")
         for name in ("depth", "hidden_size", "num_heads", "patch_size", "in_channels", "out_channels",
                      "input_size", "frequency_embedding_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"DiTConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden_size % self.num_heads:
             raise ConfigError(f"DiTConfig.num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}")
         if self.hidden_size % 4:
             raise ConfigError(f"DiTConfig.hidden_size must be a multiple of 4 (2-D sin-cos embedding), "
                               f"got {self.hidden_size}")
-        if self.input_size % self.patch_size:
+        if self.input_size is not None and self.input_size % self.patch_size:
             raise ConfigError(f"DiTConfig.patch_size {self.patch_size} does not divide the input size "
                               f"{self.input_size} (image or latent side)")
         if self.mlp_ratio <= 0:
@@ -248,6 +248,8 @@ class DiT(nn.Module):
 
     def __init__(self, config: DiTConfig):
         super().__init__()
+        if config.input_size is None:
+            raise ConfigError("DiTConfig.input_size must be set (a run derives it from the image or latent size)")
         self.config = c = config
         dim = c.hidden_size
         self.x_embedder = PatchEmbed(c.patch_size, c.in_channels + c.concat_channels, dim)

@@ -1,16 +1,17 @@
-"""`dforge convert SRC --kind {vae,unet} --to {ours,diffusers} --out DST`: one network between formats.
+"""`dforge convert SRC --kind {vae,unet,dit} --to {ours,diffusers} --out DST`: one network between formats.
 
 SRC layouts, recognised in this order:
 
 =====================================  ==================================================
 SRC                                    read as
 =====================================  ==================================================
-folder with ``config.yaml``            a `dforge train` run (not yet supported)
+folder with ``config.yaml``            a `dforge train` run (its VAE, or its backbone's EMA weights)
 folder, ``config.json`` ``"format":    our format (``interop.ours``)
 "diffusionforge"``
 folder with ``config.json``            a diffusers model folder (``_class_name`` must fit --kind)
 folder with ``vae/`` or ``unet/``      a diffusers pipeline folder; the --kind subfolder
-``.ckpt`` / ``.pt`` / ``.pth`` file    a CompVis checkpoint (``torch.load(weights_only=True)``)
+``.ckpt`` / ``.pt`` / ``.pth`` file    a CompVis checkpoint (``torch.load(weights_only=True)``); for
+                                       --kind dit an official facebookresearch/DiT one
 ``.safetensors`` file                  CompVis keys (prefixed or bare); config from --config
 =====================================  ==================================================
 
@@ -34,6 +35,8 @@ import yaml
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, ConfigError, DForgeError
+from ..interop.dit import (OFFICIAL_DIT_KEY, dit_config_from_diffusers, dit_config_to_diffusers, load_diffusers_dit,
+                           load_official_dit, save_diffusers_dit)
 from ..interop.files import DIFFUSERS_CONFIG_NAME, first_line, read_json, read_safetensors
 from ..interop.ours import OURS_FORMAT, Kind, config_from_dict, load_ours, save_ours
 from ..interop.unet import (COMPVIS_UNET_PREFIX, load_compvis_unet, load_diffusers_unet, save_diffusers_unet,
@@ -46,10 +49,12 @@ EXAMPLE = """examples:
   dforge convert stable-diffusion-v1-5 --kind vae --to ours --out sd15-vae     # diffusers pipeline folder
   dforge convert v1-5-pruned-emaonly.ckpt --kind unet --to diffusers --out sd15-unet
   dforge convert kl-f4.ckpt --kind vae --config kl-f4-autoencoder.yaml --to ours --out kl-f4  # AutoencoderConfig fields
-  dforge convert sd15-vae --kind vae --to diffusers --out sd15-vae-diffusers --overwrite"""
+  dforge convert sd15-vae --kind vae --to diffusers --out sd15-vae-diffusers --overwrite
+  dforge convert DiT-XL-2-256x256.pt --kind dit --to diffusers --out dit-xl-2   # official DiT checkpoint
+  dforge convert runs/fashion-dit-<time> --kind dit --to ours --out fashion-dit"""
 
-DESCRIPTION = """Convert one network (the KL autoencoder or the Stable Diffusion UNet)
-between formats. SRC is a diffusers model or pipeline folder, a CompVis
+DESCRIPTION = """Convert one network (the KL autoencoder, the Stable Diffusion UNet or
+the class-conditional DiT) between formats. SRC is a diffusers model or pipeline folder, a CompVis
 checkpoint (.ckpt/.pt/.pth, or .safetensors with CompVis keys; the config
 defaults to Stable Diffusion v1, or --config), or our format (a folder with
 config.json + model.safetensors). --config is a JSON or YAML file with our
@@ -81,6 +86,10 @@ INTEROP: dict[str, Interop] = {
     "unet": Interop("UNet2DConditionModel", "unet", COMPVIS_UNET_PREFIX, "input_blocks.0.0.weight",
                     sd_v1_unet_config, unet_config_from_diffusers, unet_config_to_diffusers, load_diffusers_unet,
                     load_compvis_unet, save_diffusers_unet),
+    # DiT: "CompVis" stands for the official facebookresearch/DiT state dict; its config is read off the shapes
+    "dit": Interop("DiTTransformer2DModel", "transformer", "y_embedder.", OFFICIAL_DIT_KEY, lambda: None,
+                   dit_config_from_diffusers, dit_config_to_diffusers, load_diffusers_dit, load_official_dit,
+                   save_diffusers_dit),
 }
 FORMATS = ("ours", "diffusers")
 
@@ -93,7 +102,7 @@ class Loaded(NamedTuple):
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("convert", help="convert a VAE or UNet between diffusers, CompVis and our format",
+    p = sub.add_parser("convert", help="convert a VAE, UNet or DiT between diffusers, CompVis / official and our format",
                        description=DESCRIPTION, epilog=EXAMPLE,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="diffusers folder, CompVis .ckpt/.safetensors, or our folder")
@@ -154,9 +163,34 @@ def load_run_network(run_dir: Path, kind: Kind, config_path: Optional[Path] = No
             return Loaded(load_first_stage_copy(run_dir), "latent run's first stage")
         raise CheckpointError(f"{run_dir}: a pixel-space run has no vae (use --kind unet)")
     if config.task != "diffusion":
-        raise CheckpointError(f"{run_dir}: a task={config.task} run has no unet (use --kind vae)")
+        raise CheckpointError(f"{run_dir}: a task={config.task} run has no {kind} (use --kind vae)")
+    if config.model.backbone != kind:
+        raise CheckpointError(f"{run_dir}: kind mismatch: this run's backbone is a {config.model.backbone} "
+                              f"(pass --kind {config.model.backbone})")
     model, _ = load_run_model(run_dir)
-    return Loaded(model.sampling_net()["backbone"], "diffusion run (EMA weights)")
+    net = model.sampling_net()
+    if kind == "dit":
+        return Loaded(label_dit_of_run(run_dir, config, net), "diffusion run (EMA weights)")
+    return Loaded(net["backbone"], "diffusion run (EMA weights)")
+
+
+def label_dit_of_run(run_dir: Path, config: Any, net: nn.Module) -> nn.Module:
+    """The published DiT layout (``LabelDiT``) of a class-conditional DiT run: its table joins the backbone."""
+    import dataclasses
+
+    from ..backbones.dit import LabelDiT, LabelDiTConfig
+    from ..conditioning.class_label import ClassEmbedder
+
+    backbone, conditioners = net["backbone"], list(net["conditioner"].conditioners)
+    if len(conditioners) != 1 or not isinstance(conditioners[0], ClassEmbedder) or \
+            conditioners[0].dim != backbone.config.hidden_size:
+        raise CheckpointError(f"{run_dir}: only a DiT conditioned on class labels alone, with "
+                              f"class_label.embed_dim = hidden_size, has the published DiT layout")
+    fields = dataclasses.asdict(backbone.config)
+    label_dit = LabelDiT(LabelDiTConfig(**fields, num_classes=conditioners[0].num_classes))
+    state = dict(backbone.state_dict(), **{"y_embedder.embedding_table.weight": conditioners[0].embedding.weight})
+    label_dit.load_state_dict(state)
+    return label_dit.eval()
 
 
 def _load_folder(src: Path, kind: Kind) -> Loaded:
@@ -209,7 +243,8 @@ def _load_checkpoint_file(src: Path, kind: Kind, config_path: Optional[Path]) ->
     try:
         return Loaded(interop.load_compvis(state, config), "CompVis checkpoint")
     except CheckpointError as err:
-        hint = " (the config is Stable Diffusion v1's; pass --config for another)" if config_path is None else ""
+        hint = (" (the config is Stable Diffusion v1's; pass --config for another)"
+                if config_path is None and kind != "dit" else "")
         raise CheckpointError(f"{src}: {err}{hint}") from None
 
 
@@ -228,6 +263,8 @@ def _read_state_dict(src: Path) -> dict[str, Tensor]:
         raise CheckpointError(f"{src}: unknown layout: expected a folder or a {known} file")
     if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
         data = data["state_dict"]
+    elif isinstance(data, Mapping) and isinstance(data.get("ema"), Mapping):  # a DiT train.py checkpoint
+        data = data["ema"]
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{src}: expected a state dict, got {type(data).__name__}")
     return {key: value for key, value in data.items() if isinstance(value, Tensor)}

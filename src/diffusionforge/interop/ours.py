@@ -3,12 +3,13 @@
 =====================  =================================================================
 file                   contents
 =====================  =================================================================
-``config.json``        ``{"format": "diffusionforge", "kind": "vae" | "unet", **asdict(config)}``
+``config.json``        ``{"format": "diffusionforge", "kind": "vae" | "unet" | "dit", **asdict(config)}``
 ``model.safetensors``  the network's state dict (our keys = CompVis LDM names)
 =====================  =================================================================
 
 ``kind`` picks the config dataclass and network from ``KINDS``:
-``"vae"`` = ``AutoencoderConfig`` / ``AutoencoderKL``, ``"unet"`` = ``UNetConfig`` / ``UNet``.
+``"vae"`` = ``AutoencoderConfig`` / ``AutoencoderKL``, ``"unet"`` = ``UNetConfig`` / ``UNet``,
+``"dit"`` = ``LabelDiTConfig`` / ``LabelDiT`` (keys = the official DiT state dict).
 Nothing is pickled; every failure is a one-line ``CheckpointError`` naming the file.
 """
 
@@ -21,6 +22,7 @@ from typing import Any, Literal, Mapping, NamedTuple, Union
 
 from torch import nn
 
+from diffusionforge.backbones.dit import LabelDiT, LabelDiTConfig
 from diffusionforge.backbones.unet import UNet, UNetConfig
 from diffusionforge.errors import CheckpointError, DForgeError
 from diffusionforge.first_stage.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -40,7 +42,7 @@ __all__ = [
     "save_ours",
 ]
 
-Kind = Literal["vae", "unet"]
+Kind = Literal["vae", "unet", "dit"]
 OURS_FORMAT = "diffusionforge"  # the "format" entry of our config.json
 OURS_CONFIG_NAME = "config.json"
 OURS_WEIGHTS_NAME = "model.safetensors"
@@ -56,6 +58,7 @@ class NetworkKind(NamedTuple):
 KINDS: dict[str, NetworkKind] = {
     "vae": NetworkKind(AutoencoderConfig, AutoencoderKL),
     "unet": NetworkKind(UNetConfig, UNet),
+    "dit": NetworkKind(LabelDiTConfig, LabelDiT),
 }
 
 
