@@ -94,7 +94,8 @@ class DiTConfig:
                 setattr(self, field_name, value)
             elif self.name is not None and given != value:
                 raise ConfigError(f"DiTConfig.{field_name}={given} contradicts name {self.name} "
-                                  f"({field_name} {value}); set one or the other")
+                                  f"({field_name} {value}); set one or the other ({field_name}=null "
+                                  f"takes the name's)")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in ("name",) or value is None:
