@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from diffusionforge.backbones.attention import CrossAttention, multihead_attention
 from diffusionforge.backbones.embeddings import timestep_embedding
-from diffusionforge.backbones.unet import _take
+from diffusionforge.backbones.inputs import check_inputs
 from diffusionforge.errors import ConfigError
 
 __all__ = ["DIT_MODELS", "DiT", "DiTConfig", "LabelDiT", "LabelDiTConfig", "sincos_pos_embed_2d"]
@@ -61,7 +61,6 @@ DIT_MODELS: dict[str, tuple[int, int, int, int]] = {
 }
 _SMALL = (6, 256, 4, 2)  # depth, hidden, heads, patch when neither name nor the fields are given
 _ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")
-COND_KEYS = ("vector", "crossattn", "crossattn_mask", "concat")
 
 
 @dataclass
@@ -309,27 +308,8 @@ class DiT(nn.Module):
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
             raise ValueError(f"x must have shape (B, in_channels, input_size, input_size) = (B, {expected[0]}, "
                              f"{expected[1]}, {expected[2]}), got {tuple(x.shape)}")
-        batch = x.shape[0]
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(batch) if t.ndim == 0 else t
-        if t.shape != (batch,):
-            raise ValueError(f"t must have shape (B,) = ({batch},) or be a scalar, got {tuple(t.shape)}")
-        unknown = set(cond) - set(COND_KEYS)
-        if unknown:
-            raise ValueError(f"unknown cond key(s) {sorted(unknown)}; a DiT understands {list(COND_KEYS)}")
-        vector = _take(cond, "vector", c.vector_dim is not None, (batch, c.vector_dim), "(B, vector_dim)")
-        context = _take(cond, "crossattn", c.context_dim is not None, (batch, None, c.context_dim),
-                        "(B, L, context_dim)")
-        mask = None
-        if "crossattn_mask" in cond:
-            if context is None:
-                raise ValueError("cond['crossattn_mask'] given without cond['crossattn']")
-            mask = _take(cond, "crossattn_mask", True, (batch, context.shape[1]), "(B, L)").bool()
-        concat = _take(cond, "concat", c.concat_channels > 0, (batch, c.concat_channels, *expected[1:]),
-                       "(B, concat_channels, H, W)")
-        if concat is not None:
-            x = torch.cat([x, concat.to(x.dtype)], dim=1)
-        return x, t, vector, context, mask
+        return check_inputs(x, t, cond, vector_dim=c.vector_dim, context_dim=c.context_dim,
+                            concat_channels=c.concat_channels, backbone="DiT")
 
 
 @dataclass

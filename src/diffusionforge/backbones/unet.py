@@ -41,11 +41,11 @@ from torch import Tensor, nn
 from diffusionforge.backbones.attention import AttentionBlock, SpatialTransformer
 from diffusionforge.backbones.blocks import Downsample, ResBlock, Upsample, normalization, zero_module
 from diffusionforge.backbones.embeddings import mlp_embedder, timestep_embedding
+from diffusionforge.backbones.inputs import check_inputs
 from diffusionforge.errors import ConfigError
 
 __all__ = ["UNet", "UNetConfig", "TimestepEmbedSequential"]
 
-COND_KEYS = ("vector", "crossattn", "crossattn_mask", "concat")  # keys a UNet understands
 
 
 @dataclass
@@ -279,45 +279,5 @@ class UNet(nn.Module):
         c = self.config
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ValueError(f"x must have shape (B, in_channels={c.in_channels}, H, W), got {tuple(x.shape)}")
-        batch, _, height, width = x.shape
-        t = torch.as_tensor(t, device=x.device)
-        t = t.expand(batch) if t.ndim == 0 else t
-        if t.shape != (batch,):
-            raise ValueError(f"t must have shape (B,) = ({batch},) or be a scalar, got {tuple(t.shape)}")
-        unknown = set(cond) - set(COND_KEYS)
-        if unknown:
-            raise ValueError(f"unknown cond key(s) {sorted(unknown)}; a UNet understands {list(COND_KEYS)}")
-        vector = _take(cond, "vector", c.vector_dim is not None, (batch, c.vector_dim), "(B, vector_dim)")
-        context = _take(cond, "crossattn", c.context_dim is not None, (batch, None, c.context_dim), "(B, L, context_dim)")
-        mask = None
-        if "crossattn_mask" in cond:
-            if context is None:
-                raise ValueError("cond['crossattn_mask'] given without cond['crossattn']")
-            mask = _take(cond, "crossattn_mask", True, (batch, context.shape[1]), "(B, L)")
-            if mask.dtype != torch.bool:
-                raise ValueError(f"cond['crossattn_mask'] must be bool (True = may attend), got {mask.dtype}")
-        concat_shape = (batch, c.concat_channels, height, width)
-        concat = _take(cond, "concat", c.concat_channels > 0, concat_shape, "(B, concat_channels, H, W)")
-        if concat is not None:
-            x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, in + concat, H, W)
-        return x, t, vector, context, mask
-
-
-def _take(cond: dict[str, Tensor], key: str, used: bool, shape: tuple, names: str) -> Optional[Tensor]:
-    """Return ``cond[key]`` checked against ``shape`` (None = any size), or None when unused.
-
-    Raises ValueError when a used key is missing, an unused key is present,
-    or the shape differs; messages name the key and the expected shape.
-    """
-    expected = "(" + ", ".join("L" if s is None else str(s) for s in shape) + ")"
-    if not used:
-        if key in cond:
-            raise ValueError(f"cond[{key!r}] given but this backbone's config does not use it")
-        return None
-    if key not in cond:
-        raise ValueError(f"cond[{key!r}] is required: expected shape {names} = {expected}")
-    value = cond[key]
-    ok = value.ndim == len(shape) and all(s is None or s == v for s, v in zip(shape, value.shape))
-    if not ok or (shape[1] is None and value.shape[1] == 0):
-        raise ValueError(f"cond[{key!r}] must have shape {names} = {expected}, got {tuple(value.shape)}")
-    return value
+        return check_inputs(x, t, cond, vector_dim=c.vector_dim, context_dim=c.context_dim,
+                            concat_channels=c.concat_channels, backbone="UNet")
