@@ -70,3 +70,32 @@ def test_missing_batch_key_named():
     emb = ClassEmbedder(ClassLabelConfig())
     with pytest.raises(KeyError, match="class_label"):
         emb({"image": torch.zeros(1)})
+
+
+def test_forced_zero_keys_give_zero_outputs_of_the_same_shape():
+    torch.manual_seed(0)
+    wrapper = ConditionerWrapper([
+        ClassEmbedder(ClassLabelConfig(num_classes=10, embed_dim=8, ucg_rate=0.0)),
+        ConstantCrossAttn("c", tokens=3, dim=6),
+    ])
+    batch = {"class_label": torch.tensor([1, 2]), "c": torch.tensor([1.0, 2.0])}
+    full = wrapper(batch)
+    zeroed = wrapper(batch, ucg_keys=["c"])
+    assert torch.equal(zeroed["vector"], full["vector"])  # other conditioners untouched
+    assert zeroed["crossattn"].shape == full["crossattn"].shape and not zeroed["crossattn"].any()
+    both = wrapper(batch, ucg_keys=["c", "class_label"])
+    assert not both["vector"].any()  # zero, not the learned null class
+    with pytest.raises(ValueError, match=r"ucg_keys \['nope'\] name no conditioner input key"):
+        wrapper(batch, ucg_keys=["nope"])
+
+
+def test_set_ucg_rate_zero_stops_dropping_in_training_mode():
+    torch.manual_seed(0)
+    emb = ClassEmbedder(ClassLabelConfig(num_classes=10, embed_dim=4, ucg_rate=0.5))
+    wrapper = ConditionerWrapper([emb]).train()
+    labels = torch.zeros(2000, dtype=torch.long)
+    null = emb.embedding.weight[10]
+    assert (wrapper({"class_label": labels})["vector"] == null).all(dim=1).any()
+    wrapper.set_ucg_rate_zero()
+    assert emb.ucg_rate == 0.0
+    assert not (wrapper({"class_label": labels})["vector"] == null).all(dim=1).any()

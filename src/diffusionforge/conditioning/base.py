@@ -15,6 +15,12 @@ itself per sample with its own rate ``ucg_rate`` during training; how it is
 dropped (a learned null class, a zero embedding, an empty caption) is the
 conditioner's business, through ``unconditional``/``drop``.
 
+Independently of dropping, a conditioner can be *forced to zero*: its output
+replaced by zeros of the same shape (LBM / SGM ``ucg_keys``: the wrapper
+zeroes the conditioners whose input keys are listed, e.g. to train or sample
+without a source image). ``set_ucg_rate_zero`` turns every drop rate off,
+as samplers of those codebases do before inference.
+
 A ``crossattn`` conditioner may also say which of its L tokens are real (not
 padding) by returning ``MaskedCond(value, mask)`` with ``mask: (B, L)`` bool,
 True = may be attended.
@@ -30,7 +36,7 @@ since the parts share their L token positions.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal, NamedTuple, Optional, Union
+from typing import Any, Literal, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -71,12 +77,17 @@ class Conditioner(nn.Module):
     def encode(self, value: Any, drop: Tensor) -> Union[Tensor, MaskedCond]:
         raise NotImplementedError
 
-    def forward(self, batch: dict, *, force_uncond: bool = False,
+    def forward(self, batch: dict, *, force_uncond: bool = False, force_zero: bool = False,
                 generator: Optional[torch.Generator] = None) -> Union[Tensor, MaskedCond]:
+        """The encoded ``batch[input_key]``; ``force_zero`` returns zeros of its shape (mask kept)."""
         if self.input_key not in batch:
             raise KeyError(f"conditioner needs batch key '{self.input_key}'")
         value = batch[self.input_key]
         batch_size, device = len(value), self._device_for(value)
+        if force_zero:
+            out = self.encode(value, torch.zeros(batch_size, dtype=torch.bool, device=device))
+            return MaskedCond(torch.zeros_like(out.value), out.mask) if isinstance(out, MaskedCond) \
+                else torch.zeros_like(out)
         if force_uncond:
             drop = torch.ones(batch_size, dtype=torch.bool, device=device)
         elif self.training and self.ucg_rate > 0:
@@ -101,11 +112,15 @@ class ConditionerWrapper(nn.Module):
         super().__init__()
         self.conditioners = nn.ModuleList(conditioners)
 
-    def forward(self, batch: dict, *, force_uncond: bool = False) -> Cond:
+    def forward(self, batch: dict, *, force_uncond: bool = False, ucg_keys: Sequence[str] = ()) -> Cond:
+        """The merged cond dict; conditioners reading a key in ``ucg_keys`` give zeros."""
+        unknown = sorted(set(ucg_keys) - set(self.input_keys))
+        if unknown:
+            raise ValueError(f"ucg_keys {unknown} name no conditioner input key (have {self.input_keys})")
         outputs: dict[str, list[Tensor]] = {}
         masks: dict[str, list[Optional[Tensor]]] = {}
         for conditioner in self.conditioners:
-            out = conditioner(batch, force_uncond=force_uncond)
+            out = conditioner(batch, force_uncond=force_uncond, force_zero=conditioner.input_key in ucg_keys)
             mask = None
             if isinstance(out, tuple):
                 if conditioner.kind not in MASKED_KINDS:
@@ -119,6 +134,11 @@ class ConditionerWrapper(nn.Module):
             if any(m is not None for m in parts):
                 cond[f"{kind}_mask"] = _and_masks(parts, outputs[kind])
         return cond
+
+    def set_ucg_rate_zero(self) -> None:
+        """Turn every conditioner's drop rate off (before sampling)."""
+        for conditioner in self.conditioners:
+            conditioner.ucg_rate = 0.0
 
     @property
     def input_keys(self) -> list[str]:
