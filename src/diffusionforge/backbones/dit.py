@@ -319,9 +319,8 @@ class LabelDiTConfig(DiTConfig):
     num_classes: int = 1000  # K; the label table has K + 1 rows (the last is the null class)
 
     def __post_init__(self) -> None:
-        self.vector_dim = self.hidden_size if self.hidden_size is not None else self.vector_dim
         super().__post_init__()
-        self.vector_dim = self.hidden_size
+        self.vector_dim = self.hidden_size  # the label table's rows add to the timestep embedding
         if self.num_classes < 1:
             raise ConfigError(f"LabelDiTConfig.num_classes must be >= 1, got {self.num_classes}")
 

@@ -38,8 +38,8 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
-from diffusionforge.backbones.dit import DIT_MODELS, LabelDiT, LabelDiTConfig
-from diffusionforge.errors import CheckpointError
+from diffusionforge.backbones.dit import DIT_MODELS, LabelDiT, LabelDiTConfig, sincos_pos_embed_2d
+from diffusionforge.errors import CheckpointError, ConfigError
 
 from .files import diffusers_folder, load_checked, read_json, read_safetensors, write_diffusers_folder
 
@@ -139,9 +139,7 @@ def dit_config_from_diffusers(cfg: Mapping[str, Any]) -> LabelDiTConfig:
             patch_size=cfg.get("patch_size", 2), in_channels=in_channels, out_channels=out_channels,
             input_size=cfg.get("sample_size", 32), num_classes=cfg.get("num_embeds_ada_norm", 1000),
             timestep_freq_shift=1, mlp_norm_eps=float(cfg.get("norm_eps", 1e-5)))
-    except CheckpointError:
-        raise
-    except Exception as err:  # ConfigError from the dataclass checks
+    except ConfigError as err:  # from the dataclass checks
         raise CheckpointError(f"config.json: {err}") from None
 
 
@@ -206,7 +204,7 @@ def dit_state_dict_from_diffusers(sd: Mapping[str, Tensor], config: LabelDiTConf
     unused = [key for key in sd if key not in used and not key.endswith("pos_embed.pos_embed")]
     if unused:
         raise CheckpointError(f"unexpected key {unused[0]!r} for a DiT")
-    out["pos_embed"] = LabelDiT(config).pos_embed if "pos_embed" not in sd else sd["pos_embed"]
+    out["pos_embed"] = sincos_pos_embed_2d(config.hidden_size, config.grid_size)[None]  # fixed, not stored
     return out
 
 
