@@ -12,6 +12,7 @@ from torch import nn
 from .backbones import BACKBONES
 from .conditioning import ClassEmbedder, Conditioner, ConditionerWrapper
 from .conditioning.labels import LabelConditioning
+from .conditioning.latents_concat import LatentsConcat
 from .conditioning.spatial import SpatialConcat
 from .conditioning.text import TextConditioner
 from .config.schema import ExperimentConfig
@@ -24,8 +25,8 @@ from .models.generative import GenerativeModel
 from .processes.gaussian import GaussianDiffusion
 
 
-def build_conditioner(config: ExperimentConfig, grid: tuple[int, int]) -> ConditionerWrapper:
-    """The conditioners of ``model.conditioning``; ``grid`` is the (H, W) of x_t (concat size)."""
+def build_conditioner(config: ExperimentConfig, shape: tuple[int, int, int]) -> ConditionerWrapper:
+    """The conditioners of ``model.conditioning``; ``shape`` is the (C, H, W) of x_t."""
     conditioners: list[Conditioner] = []
     class_cfg = config.model.conditioning.class_label
     if class_cfg is not None:
@@ -38,7 +39,18 @@ def build_conditioner(config: ExperimentConfig, grid: tuple[int, int]) -> Condit
         conditioners.append(TextConditioner(text_cfg))
     concat_cfg = config.model.conditioning.concat
     if concat_cfg is not None:
-        conditioners.append(SpatialConcat(concat_cfg, grid))
+        conditioners.append(SpatialConcat(concat_cfg, shape[1:]))
+    latents_cfg = config.model.conditioning.latents_concat
+    if latents_cfg is not None:
+        degradation = config.data.degradation
+        produced = {"image", config.bridge.source_key}
+        if degradation is not None and degradation.task == "inpainting":
+            produced.add("mask")
+        missing = [k for k in (*latents_cfg.mask_keys, *latents_cfg.image_keys) if k not in produced]
+        if missing:
+            raise ConfigError(f"model.conditioning.latents_concat: batch keys {missing} are not in the data "
+                              f"(it gives {sorted(produced)}; masks need data.degradation.task=inpainting)")
+        conditioners.append(LatentsConcat(latents_cfg, latent_channels=shape[0]))
     return ConditionerWrapper(conditioners)
 
 
@@ -85,7 +97,7 @@ def build_backbone(config: ExperimentConfig, conditioner: ConditionerWrapper,
     config_cls, backbone_cls = BACKBONES[model.backbone]
     size = config.data.image_size
     channels, height, width = (config.data.channels, size, size) if shape is None else shape
-    learned = model.process.variance_type == "learned_range"
+    learned = config.task != "bridge" and model.process.variance_type == "learned_range"
     derived = dict(in_channels=channels, out_channels=channels * (2 if learned else 1),
                    vector_dim=conditioning_dim(conditioner, "vector"),
                    context_dim=conditioning_dim(conditioner, "crossattn"),
@@ -125,12 +137,42 @@ def build_model(config: ExperimentConfig, num_classes: Optional[int] = None,
                           f"but the dataset '{config.data.name}' has {num_classes} classes")
     first_stage = build_first_stage(config, autoencoder)
     shape = diffusion_shape(config, first_stage)
-    conditioner = build_conditioner(config, grid=shape[1:])
+    conditioner = build_conditioner(config, shape)
     backbone = build_backbone(config, conditioner, shape=shape)
-    return GenerativeModel(
-        backbone=backbone, process=GaussianDiffusion(config.model.process),
-        conditioner=conditioner, first_stage=first_stage, latent_shape=shape, optim=config.optim,
-        sample=config.sample, labels=label_conditioning(config), sample_dir=sample_dir)
+    parts = dict(backbone=backbone, conditioner=conditioner, first_stage=first_stage, latent_shape=shape,
+                 optim=config.optim, sample=config.sample, labels=label_conditioning(config),
+                 sample_dir=sample_dir)
+    if config.task == "bridge":
+        return build_bridge_model(config, parts)
+    return GenerativeModel(process=GaussianDiffusion(config.model.process), **parts)
+
+
+def build_bridge_model(config: ExperimentConfig, parts: dict):
+    """task=bridge: the BridgeModel on paired data (``data.degradation``)."""
+    from .losses.pixel import PixelLoss
+    from .models.bridge import BridgeModel
+    from .processes.bridge import BridgeMatching
+
+    task = config.bridge
+    if config.data.degradation is None:
+        raise ConfigError("data.degradation: task=bridge trains on (source, target) pairs; set "
+                          "data.degradation.task (super_resolution, inpainting, denoising, deblurring)")
+    process = task.process
+    pixel_loss = None
+    if process.pixel_loss_weight > 0:
+        lpips = None
+        if process.pixel_loss_type == "lpips":
+            from .losses.lpips import load_lpips
+
+            lpips = load_lpips(task.lpips_vgg, task.lpips_lin)
+            if lpips is None:
+                raise ConfigError("bridge.process.pixel_loss_type=lpips: no LPIPS weights found; set "
+                                  "bridge.lpips_vgg and bridge.lpips_lin (or use l2 / l1)")
+        pixel_loss = PixelLoss(process.pixel_loss_type, process.pixel_loss_max_size,
+                               process.pixel_loss_window, lpips)
+    paste_key = task.paste_key if config.data.degradation.task == "inpainting" else None
+    return BridgeModel(process=BridgeMatching(process), source_key=task.source_key, paste_key=paste_key,
+                       sample_steps=task.steps, pixel_loss=pixel_loss, **parts)
 
 
 def build_datamodule(config: ExperimentConfig) -> ImageDataModule:

@@ -24,7 +24,12 @@ autoencoder runs (task=autoencoder, e.g. `dforge train fashion-vae`) are scored 
 reconstructing the first --num test images through the posterior mode: PSNR, SSIM,
 rFID and rKID against those images; --batch-size, --features and --out apply, the
 sampling flags (--sampler, --steps, --eta, --guidance, --seed, --raw, --precision) are ignored:
-  dforge evaluate runs/fashion-vae --num 10000"""
+  dforge evaluate runs/fashion-vae --num 10000
+
+bridge runs (task=bridge, e.g. `dforge train fashion-lbm-sr`) are scored on the first --num
+test pairs, degraded as in training: PSNR, SSIM, FID and KID of the translations at each of
+--steps, beside the degraded input (and bicubic upsampling for super-resolution):
+  dforge evaluate runs/fashion-lbm-sr --num 10000 --steps 1 2 4"""
 
 
 def add_parser(sub) -> None:
@@ -32,7 +37,9 @@ def add_parser(sub) -> None:
                        description="Generate samples from a run and score them against the "
                                    "held-out test split.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_sampling_arguments(p, num=10000, batch_size=125)
+    add_sampling_arguments(p, num=10000, batch_size=125, steps_nargs="+",
+                           steps_help="sampling steps (default 50); bridge runs take several, "
+                                      "e.g. --steps 1 2 4 (default: the run's bridge.steps)")
     p.add_argument("--features", choices=list(FEATURE_NAMES), default=None,
                    help="feature network for FID/KID: a shipped classifier (fashion-mnist, mnist), "
                         "efficientnet (ImageNet EfficientNet-Lite0) or inception (Inception-v3 from "
@@ -44,11 +51,17 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import evaluate_run, metrics_record
 
-    if args.num < 2 or args.steps < 1 or args.batch_size < 1:
+    if args.num < 2 or any(k < 1 for k in args.steps or ()) or args.batch_size < 1:
         raise ConfigError("--num must be >= 2, --steps and --batch-size >= 1")
-    if open_run(args.run_dir)[1].task == "autoencoder":
+    task = open_run(args.run_dir)[1].task
+    if task == "autoencoder":
         record = evaluate_autoencoder_run(args)
+    elif task == "bridge":
+        record = evaluate_bridge(args)
     else:
+        if args.steps is not None and len(args.steps) > 1:
+            raise ConfigError(f"--steps: a diffusion run is scored at one step count, got {args.steps}")
+        args.steps = 50 if args.steps is None else args.steps[0]
         model, config = load_run_model(args.run_dir, use_ema=not args.raw)
         request = request_from_args(args, config)
         result, protocol = evaluate_run(model, config, request, args.num, args.seed,
@@ -59,6 +72,17 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(record["metrics"], indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def evaluate_bridge(args: argparse.Namespace) -> dict:
+    """metrics.json of a bridge run: the translations and the baselines on the test pairs."""
+    from ..evaluation.paired import evaluate_bridge_run
+
+    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
+    steps = args.steps or [config.bridge.steps]
+    return evaluate_bridge_run(model, config, args.num, steps, batch_size=args.batch_size,
+                               features=args.features, seed=args.seed, use_ema=not args.raw,
+                               precision=args.precision)
 
 
 def evaluate_autoencoder_run(args: argparse.Namespace) -> dict:

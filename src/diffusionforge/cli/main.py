@@ -18,19 +18,20 @@ EXAMPLES = """examples:
   dforge train tiny trainer.max_steps=50         # a preset or YAML file, then key=value overrides
   dforge train --resume runs/fashion-ddpm-20261123-101500
   dforge sample runs/fashion-ddpm-20261123-101500 --num 64 --sampler ddim --steps 50 --guidance 2 --out grid.png
+  dforge translate runs/fashion-lbm-sr-20261123-101500 low_res.png --steps 1 --out high_res.png
   dforge convert stable-diffusion-v1-5 --kind vae --to ours --out sd15-vae
   dforge presets
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert, evaluate, presets, sample, train
+    from . import convert, evaluate, presets, sample, train, translate
 
     parser = argparse.ArgumentParser(
         prog="dforge", description="Train, sample and evaluate diffusion models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, sample, evaluate, convert, presets):
+    for module in (train, sample, translate, evaluate, convert, presets):
         module.add_parser(sub)
     return parser
 

@@ -19,12 +19,13 @@ EXAMPLE = """example:
       --guidance 2 --seed 0 --class 7 --out sneakers.png"""
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser, num: int, batch_size: int) -> None:
+def add_sampling_arguments(p: argparse.ArgumentParser, num: int, batch_size: int,
+                           steps_help: str = "sampling steps (default 50)", steps_nargs=None) -> None:
     """RUN_DIR and the options shared by `sample` and `evaluate` (read by request_from_args)."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `dforge train`")
     p.add_argument("--num", type=int, default=num, help=f"number of images (default {num})")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="(default ddim)")
-    p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    p.add_argument("--steps", type=int, default=None if steps_nargs else 50, nargs=steps_nargs, help=steps_help)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default 0)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale (default: the run's sample.guidance)")
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     if args.num < 1 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--num, --steps and --batch-size must be >= 1")
     model, config = load_run_model(args.run_dir, use_ema=not args.raw)
+    if config.task == "bridge":
+        raise ConfigError(f"{args.run_dir} is an image-to-image bridge run: use `dforge translate`")
     request = request_from_args(args, config)
     labels = class_labels(args.num, model.num_classes, args.class_label)
     generator = torch.Generator().manual_seed(args.seed)

@@ -25,6 +25,12 @@ A ``crossattn`` conditioner may also say which of its L tokens are real (not
 padding) by returning ``MaskedCond(value, mask)`` with ``mask: (B, L)`` bool,
 True = may be attended.
 
+A conditioner may read several keys (``input_keys``; the latents-concat
+conditioner reads image and mask keys) and may need the model's first stage
+(``needs_first_stage``: it VAE-encodes images); the wrapper hands the first
+stage over at call time, as LBM passes its ``vae``, so the frozen
+autoencoder is never a sub-module of the trained (and EMA-averaged) network.
+
 ``ConditionerWrapper`` runs every conditioner and concatenates outputs of the
 same kind: ``vector`` and ``crossattn`` along the feature dimension
 (the last), ``concat`` along channels (dim 1). When any crossattn conditioner
@@ -48,6 +54,14 @@ MASKED_KINDS = ("crossattn",)  # kinds whose conditioners may return a token mas
 Cond = dict[str, Tensor]
 
 
+def check_ucg_rate(rate: object) -> None:
+    """A conditioner config's drop rate must be a number in [0, 1] (ConfigError otherwise)."""
+    from ..errors import ConfigError
+
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
+        raise ConfigError(f"ucg_rate: must be in [0, 1], got {rate!r}")
+
+
 class MaskedCond(NamedTuple):
     """A conditioner output with a token mask."""
 
@@ -66,6 +80,7 @@ class Conditioner(nn.Module):
     """
 
     kind: ConditionKind
+    needs_first_stage: bool = False  # encode() takes the first stage as its third argument
 
     def __init__(self, input_key: str, ucg_rate: float = 0.0):
         super().__init__()
@@ -74,18 +89,34 @@ class Conditioner(nn.Module):
         self.input_key = input_key
         self.ucg_rate = ucg_rate
 
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        """Every batch key this conditioner reads."""
+        return (self.input_key,)
+
+    def read(self, batch: dict) -> Any:
+        """The input ``encode`` receives: ``batch[input_key]``."""
+        if self.input_key not in batch:
+            raise KeyError(f"conditioner needs batch key '{self.input_key}'")
+        return batch[self.input_key]
+
     def encode(self, value: Any, drop: Tensor) -> Union[Tensor, MaskedCond]:
         raise NotImplementedError
 
     def forward(self, batch: dict, *, force_uncond: bool = False, force_zero: bool = False,
-                generator: Optional[torch.Generator] = None) -> Union[Tensor, MaskedCond]:
-        """The encoded ``batch[input_key]``; ``force_zero`` returns zeros of its shape (mask kept)."""
-        if self.input_key not in batch:
-            raise KeyError(f"conditioner needs batch key '{self.input_key}'")
-        value = batch[self.input_key]
-        batch_size, device = len(value), self._device_for(value)
+                generator: Optional[torch.Generator] = None,
+                first_stage: Optional[nn.Module] = None) -> Union[Tensor, MaskedCond]:
+        """The encoded input; ``force_zero`` returns zeros of its shape (mask kept)."""
+        value = self.read(batch)
+        batch_size, device = self._batch_size(value), self._device_for(value)
+        extra = ()
+        if self.needs_first_stage:
+            if first_stage is None:
+                raise ValueError(f"the conditioner reading {list(self.input_keys)} needs the first stage "
+                                 "(pass first_stage=...)")
+            extra = (first_stage,)
         if force_zero:
-            out = self.encode(value, torch.zeros(batch_size, dtype=torch.bool, device=device))
+            out = self.encode(value, torch.zeros(batch_size, dtype=torch.bool, device=device), *extra)
             return MaskedCond(torch.zeros_like(out.value), out.mask) if isinstance(out, MaskedCond) \
                 else torch.zeros_like(out)
         if force_uncond:
@@ -95,10 +126,18 @@ class Conditioner(nn.Module):
             drop = u < self.ucg_rate
         else:
             drop = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        return self.encode(value, drop)
+        return self.encode(value, drop, *extra)
+
+    @staticmethod
+    def _batch_size(value: Any) -> int:
+        if isinstance(value, dict):  # several keys: each holds the batch
+            return len(next(iter(value.values())))
+        return len(value)
 
     def _device_for(self, value: Any) -> torch.device:
         """The device of a tensor input, else of this module's first parameter or buffer (else CPU)."""
+        if isinstance(value, dict):
+            value = next(iter(value.values()))
         if isinstance(value, Tensor):
             return value.device
         tensor = next(itertools.chain(self.parameters(), self.buffers()), None)
@@ -112,15 +151,20 @@ class ConditionerWrapper(nn.Module):
         super().__init__()
         self.conditioners = nn.ModuleList(conditioners)
 
-    def forward(self, batch: dict, *, force_uncond: bool = False, ucg_keys: Sequence[str] = ()) -> Cond:
-        """The merged cond dict; conditioners reading a key in ``ucg_keys`` give zeros."""
+    def forward(self, batch: dict, *, force_uncond: bool = False, ucg_keys: Sequence[str] = (),
+                first_stage: Optional[nn.Module] = None) -> Cond:
+        """The merged cond dict; conditioners reading a key in ``ucg_keys`` give zeros.
+
+        ``first_stage`` goes to the conditioners that encode images with it.
+        """
         unknown = sorted(set(ucg_keys) - set(self.input_keys))
         if unknown:
             raise ValueError(f"ucg_keys {unknown} name no conditioner input key (have {self.input_keys})")
         outputs: dict[str, list[Tensor]] = {}
         masks: dict[str, list[Optional[Tensor]]] = {}
         for conditioner in self.conditioners:
-            out = conditioner(batch, force_uncond=force_uncond, force_zero=conditioner.input_key in ucg_keys)
+            zero = any(key in ucg_keys for key in conditioner.input_keys)
+            out = conditioner(batch, force_uncond=force_uncond, force_zero=zero, first_stage=first_stage)
             mask = None
             if isinstance(out, tuple):
                 if conditioner.kind not in MASKED_KINDS:
@@ -142,7 +186,7 @@ class ConditionerWrapper(nn.Module):
 
     @property
     def input_keys(self) -> list[str]:
-        return [c.input_key for c in self.conditioners]
+        return [key for c in self.conditioners for key in c.input_keys]
 
     def __len__(self) -> int:
         return len(self.conditioners)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioner
+from .base import Conditioner, check_ucg_rate
 
 
 @dataclass
@@ -22,6 +22,9 @@ class ClassLabelConfig:
     embed_dim: int = 128           # D of the vector handed to the backbone
     ucg_rate: float = 0.1          # probability of dropping the label in training
     input_key: str = "class_label"  # batch key holding (B,) integer labels
+
+    def __post_init__(self) -> None:
+        check_ucg_rate(self.ucg_rate)
 
 
 class ClassEmbedder(Conditioner):

@@ -19,7 +19,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Conditioner
+from .base import Conditioner, check_ucg_rate
 
 
 @dataclass
@@ -30,6 +30,7 @@ class ConcatConditionerConfig:
     ucg_rate: float = 0.0          # probability of zeroing a sample's channels in training
 
     def __post_init__(self) -> None:
+        check_ucg_rate(self.ucg_rate)
         if self.channels < 1:
             raise ValueError(f"channels must be >= 1, got {self.channels}")
 

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from diffusionforge.errors import CheckpointError, ConfigError
 
-from .base import Conditioner, MaskedCond
+from .base import Conditioner, MaskedCond, check_ucg_rate
 
 __all__ = ["TEXT_ENCODERS", "TextConditioner", "TextConditionerConfig", "load_text_encoder", "mean_pool"]
 
@@ -69,6 +69,7 @@ class TextConditionerConfig:
     cache_size: int = 4096  # a frozen encoder's outputs are kept for this many distinct captions (0: off)
 
     def __post_init__(self) -> None:
+        check_ucg_rate(self.ucg_rate)
         if self.encoder not in TEXT_ENCODERS:
             raise ConfigError(f"TextConditionerConfig.encoder must be one of {sorted(TEXT_ENCODERS)}, "
                               f"got {self.encoder!r}")

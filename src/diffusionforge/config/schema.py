@@ -15,11 +15,13 @@ from typing import Literal, Optional
 from ..backbones.dit import DiTConfig
 from ..backbones.unet import UNetConfig
 from ..conditioning.class_label import ClassLabelConfig
+from ..conditioning.latents_concat import LatentsConcatConfig
 from ..conditioning.spatial import ConcatConditionerConfig
 from ..conditioning.text import TextConditionerConfig
 from ..data.datamodule import DataConfig
 from ..first_stage.autoencoder import AutoencoderConfig
 from ..losses.autoencoder_loss import AutoencoderLossConfig
+from ..processes.bridge import BridgeMatchingConfig
 from ..processes.gaussian import GaussianDiffusionConfig
 
 
@@ -28,6 +30,7 @@ class ConditioningConfig:
     class_label: Optional[ClassLabelConfig] = None   # class-conditional model (vector)
     text: Optional[TextConditionerConfig] = None     # captions: crossattn tokens, or vector (adm mode)
     concat: Optional[ConcatConditionerConfig] = None  # spatial map stacked onto x_t (concat; + text = hybrid)
+    latents_concat: Optional[LatentsConcatConfig] = None  # images VAE-encoded + masks resized to the latent grid (LBM)
 
 
 @dataclass
@@ -106,9 +109,25 @@ class AutoencoderTaskConfig:
 
 
 @dataclass
+class BridgeTaskConfig:
+    """task=bridge: Latent Bridge Matching from data.degradation's source images to the clean ones."""
+
+    process: BridgeMatchingConfig = field(default_factory=BridgeMatchingConfig)
+    source_key: str = "source"             # batch key of the source (degraded) images
+    paste_key: Optional[str] = "mask"      # batch key of a hole mask (1 = fill): translations keep the source outside it
+    steps: int = 1                         # Euler steps of the grids and the default of translate / evaluate
+    lpips_vgg: Optional[str] = None        # local VGG16 weights for pixel_loss_type=lpips (else $DFORGE_LPIPS_VGG)
+    lpips_lin: Optional[str] = None        # local LPIPS linear-layer weights (else $DFORGE_LPIPS_LIN)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
+            raise ValueError(f"bridge.steps: must be an integer >= 1, got {self.steps!r}")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "fashion-ddpm"             # run name; the default run dir is runs/<name>-<time>
-    task: Literal["diffusion", "autoencoder"] = "diffusion"  # what `dforge train` trains
+    task: Literal["diffusion", "autoencoder", "bridge"] = "diffusion"  # what `dforge train` trains
     seed: int = 0                          # seeds data split, init and sampling
     run_dir: Optional[str] = None          # where config, checkpoints, samples and logs go
     data: DataConfig = field(default_factory=DataConfig)
@@ -117,6 +136,7 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     autoencoder: AutoencoderTaskConfig = field(default_factory=AutoencoderTaskConfig)  # task=autoencoder
+    bridge: BridgeTaskConfig = field(default_factory=BridgeTaskConfig)  # task=bridge
 
     def __post_init__(self) -> None:
         # the schedule counts training batches: autoencoder runs make 2 optimiser steps per batch

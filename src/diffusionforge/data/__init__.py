@@ -6,6 +6,8 @@
 | ``folder``      | ``ImageFolderDataset``: PNG/JPG files, optional class folders |
 | ``embedded``    | the Fashion-MNIST subset shipped inside the package           |
 | ``datasets``    | ``ArrayImageDataset`` and the ``DATASETS`` registry            |
+| ``degradations``| ``DegradationConfig``, ``PairedDataset``: (source, target)    |
+|                 | pairs for image-to-image (SR, inpainting, denoise, deblur)    |
 | ``datamodule``  | ``DataConfig`` and the Lightning ``ImageDataModule``          |
 
 Items are dicts ``{"image": float (C, H, W) in [-1, 1], "class_label": long ()}``.

@@ -12,11 +12,35 @@ Splits built by ``setup`` (``seed`` fixes them):
 
 The validation split does not depend on ``limit_train``, so quick runs and
 full runs are validated on the same images.
+
+Image-to-image pairs (``data.degradation``, see ``degradations.py``): when
+set, every split is wrapped in a ``PairedDataset`` that adds
+``batch["source"]`` (B, C, H, W), the degraded image, and for inpainting
+``batch["mask"]`` (B, 1, H, W) (1 = hole); ``batch["image"]`` stays the clean
+target. Training pairs are drawn afresh on every access (after the flip, so
+image, source and mask are flipped together); val and test pairs are fixed
+by (``seed``, index).
+
+| ``data.degradation`` key | meaning (default)                                          |
+|--------------------------|------------------------------------------------------------|
+| ``task``                 | super_resolution (default), inpainting, denoising, deblurring |
+| ``scale``, ``upsample``  | SR: area-downsample by scale (4), back up by bicubic /     |
+|                          | bilinear / nearest (bicubic)                               |
+| ``mask``                 | inpainting: box, free_form or mixed (mixed)                |
+| ``box_min``, ``box_max`` | box sides as fractions of the image side (0.25, 0.5)       |
+| ``strokes``, ``vertices``| free-form: up to 4 strokes of up to 6 segments             |
+| ``stroke_width_min``,    | free-form brush width (0.08 to 0.2) and longest segment    |
+| ``stroke_width_max``,    | (0.4), fractions of the shorter image side                 |
+| ``stroke_length``        |                                                            |
+| ``fill``                 | value written into the hole of the source (0.0)            |
+| ``noise_std``            | denoising: Gaussian std in [-1, 1] units (0.2)             |
+| ``blur_sigma``           | deblurring: Gaussian std in pixels (1.5)                   |
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Literal, Optional, get_args
 
 import lightning as L
@@ -25,9 +49,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from diffusionforge.data.captions import Captioned, caption_names, check_template
 from diffusionforge.data.datasets import build_dataset
+from diffusionforge.data.degradations import DegradationConfig, PairedDataset, check_image_size
 from diffusionforge.errors import ConfigError
 
-DatasetName = Literal["fashion-mnist-embedded", "fashion-mnist", "mnist", "folder"]
+DatasetName = Literal["fashion-mnist-embedded", "fashion-mnist", "mnist", "folder", "skimage-photos"]
+BUILT_IN = ("fashion-mnist-embedded", "skimage-photos")  # sources that ship their images (no data.root)
 MIN_IMAGE_SIZE = 8  # smallest side the backbones downsample sensibly
 
 
@@ -45,6 +71,7 @@ class DataConfig:
     limit_train: Optional[int] = None  # use only the first N training images (tests / quick runs)
     hflip: bool = False  # random horizontal flip augmentation (train split only)
     caption_template: Optional[str] = None  # e.g. "a photo of {}": adds batch["caption"] from class names
+    degradation: Optional[DegradationConfig] = None  # image-to-image pairs: adds batch["source"] (+ "mask")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -53,8 +80,8 @@ class DataConfig:
         """ConfigError naming ``data.<field>`` for the first bad value."""
         if self.name not in get_args(DatasetName):
             raise ConfigError(f"data.name: {self.name!r} is not one of {', '.join(get_args(DatasetName))}")
-        if self.name == "fashion-mnist-embedded" and self.root is not None:
-            raise ConfigError("data.root: not used by data.name=fashion-mnist-embedded; "
+        if self.name in BUILT_IN and self.root is not None:
+            raise ConfigError(f"data.root: not used by data.name={self.name}; "
                               "set data.name=fashion-mnist (or mnist, folder) to read it")
         minimums = {"image_size": MIN_IMAGE_SIZE, "batch_size": 1, "num_workers": 0, "val_size": 0}
         for key, minimum in minimums.items():
@@ -68,6 +95,25 @@ class DataConfig:
         if not isinstance(self.hflip, bool):
             raise ConfigError(f"data.hflip: must be true or false, got {self.hflip!r}")
         check_template(self.caption_template)
+        self.degradation = _as_degradation(self.degradation)
+        if self.degradation is not None:
+            check_image_size(self.degradation, self.image_size)
+
+
+def _as_degradation(value: object) -> Optional[DegradationConfig]:
+    """None, a validated DegradationConfig, or one built from a mapping of its fields."""
+    if value is None:
+        return None
+    if isinstance(value, DegradationConfig):
+        value.validate()
+        return value
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"data.degradation: must be a mapping of degradation keys or null, got {value!r}")
+    known = {f.name for f in fields(DegradationConfig)}
+    unknown = sorted(str(key) for key in value if key not in known)
+    if unknown:
+        raise ConfigError(f"data.degradation.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    return DegradationConfig(**dict(value))
 
 
 def _is_int(value: object) -> bool:
@@ -131,7 +177,15 @@ class ImageDataModule(L.LightningDataModule):
         if stage in (None, "fit", "validate") and self.train_set is None:
             self._setup_train_val()
         if stage in (None, "test") and self.test_set is None:
-            self.test_set = self.source("test")
+            test = self.source("test")
+            self.test_set = None if test is None else self.paired(test, deterministic=True)
+
+    def paired(self, dataset: Dataset, deterministic: bool) -> Dataset:
+        """``dataset`` wrapped in a PairedDataset when data.degradation is set, else itself."""
+        degradation = self.config.degradation
+        if degradation is None:
+            return dataset
+        return PairedDataset(dataset, degradation, seed=self.seed, deterministic=deterministic)
 
     def _setup_train_val(self) -> None:
         c, full = self.config, self.source("train")
@@ -145,8 +199,9 @@ class ImageDataModule(L.LightningDataModule):
                 "(the last incomplete batch is dropped, so no batch would remain)"
             )
         train_set = Subset(full, train)
-        self.train_set = RandomHFlip(train_set) if c.hflip else train_set
-        self.val_set = Subset(full, val)
+        train_set = RandomHFlip(train_set) if c.hflip else train_set  # flip x before degrading it
+        self.train_set = self.paired(train_set, deterministic=False)
+        self.val_set = self.paired(Subset(full, val), deterministic=True)
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.config.num_workers

@@ -11,6 +11,17 @@ Every item is a dict: ``{"image": float (C, H, W) in [-1, 1],
 | ``mnist``                | idx files, or ``mnist_train_10k.npz``     | train, test  |
 |                          | (arrays x, y) for train                   |              |
 | ``folder``               | image folder (see ``folder.py``)          | train        |
+| ``skimage-photos``       | ignored: scikit-image's bundled photos    | train (10k), test (1k) |
+
+``skimage-photos`` (unlabelled RGB, needs ``pip install scikit-image``) cuts
+square crops of side ``image_size`` from the sample photos shipped inside
+scikit-image (no download), each first halved in size by 2 x 2 averaging.
+Train and test come from disjoint photos (``SKIMAGE_SPLITS``): train from
+astronaut, coffee, rocket, immunohistochemistry, hubble_deep_field and
+retina; test from chelsea (the same photo as ``skimage.data.cat``) and the
+left view of stereo_motorcycle. Crops go to the split's photos in turn;
+positions and horizontal flips are drawn from a fixed seed, so both splits
+are the same on every machine.
 
 Idx data are decoded once into one uint8 array; per item only the float
 conversion ``x = u / 127.5 - 1`` runs.
@@ -18,8 +29,10 @@ conversion ``x = u / 127.5 - 1`` runs.
 
 from __future__ import annotations
 
+import functools
 import zipfile
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Literal, Optional
 
 import numpy as np
@@ -40,6 +53,23 @@ IDX_FILES = {  # split -> (images, labels), each stored raw or with a .gz suffix
 }
 MNIST_NPZ = "mnist_train_10k.npz"  # arrays x (N, 28, 28) uint8, y (N,); stands in for train idx
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as PIL's RGB -> L
+SKIMAGE_PHOTOS: dict[str, Callable[[ModuleType], np.ndarray]] = {  # name -> uint8 (H, W, 3) from skimage.data
+    "astronaut": lambda data: data.astronaut(),
+    "coffee": lambda data: data.coffee(),
+    "rocket": lambda data: data.rocket(),
+    "immunohistochemistry": lambda data: data.immunohistochemistry(),
+    "hubble_deep_field": lambda data: data.hubble_deep_field(),
+    "retina": lambda data: data.retina(),
+    "chelsea": lambda data: data.chelsea(),  # skimage.data.cat is this photo too
+    "motorcycle_left": lambda data: data.stereo_motorcycle()[0],
+}  # all shipped inside the scikit-image package: none needs pooch or a network
+SKIMAGE_SPLITS: dict[Split, tuple[str, ...]] = {  # disjoint photos per split
+    "train": ("astronaut", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina"),
+    "test": ("chelsea", "motorcycle_left"),
+}
+SKIMAGE_CROPS = {"train": 10_000, "test": 1_000}  # crops per split
+SKIMAGE_SEED = 0  # fixes crop positions and flips
+SKIMAGE_DOWNSCALE = 2  # photos are averaged over 2 x 2 blocks before cropping
 
 
 def fit_to_size(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -208,12 +238,64 @@ def build_folder(root: Optional[str], split: Split, image_size: int, channels: i
     return ImageFolderDataset(folder, image_size, channels) if split == "train" else None
 
 
+def _skimage_data() -> ModuleType:
+    try:
+        import skimage.data
+    except ImportError:
+        raise ConfigError("data.name: skimage-photos needs scikit-image (pip install scikit-image)") from None
+    return skimage.data
+
+
+@functools.lru_cache(maxsize=1)
+def skimage_photos() -> dict[str, np.ndarray]:
+    """Every photo of ``SKIMAGE_PHOTOS`` as read-only uint8 (H // 2, W // 2, 3): 2 x 2 block means."""
+    data, photos = _skimage_data(), {}
+    for name, load in SKIMAGE_PHOTOS.items():
+        image = torch.from_numpy(np.ascontiguousarray(load(data)[..., :3])).permute(2, 0, 1).float()
+        small = F.avg_pool2d(image, SKIMAGE_DOWNSCALE)  # (3, H // 2, W // 2)
+        photos[name] = small.round_().to(torch.uint8).permute(1, 2, 0).numpy()
+        photos[name].flags.writeable = False  # cached: shared by every caller
+    return photos
+
+
+def crop_photos(photos: list[np.ndarray], count: int, size: int, seed: int) -> np.ndarray:
+    """uint8 (count, size, size, 3): crop k from photo k mod len(photos), random position and flip.
+
+    The draws for crop k do not depend on ``count``, so fewer crops are a
+    prefix of more.
+    """
+    draws = np.random.default_rng(seed).random((count, 3))  # (count, [top, left, flip])
+    crops = np.empty((count, size, size, 3), np.uint8)
+    for k, (u_top, u_left, u_flip) in enumerate(draws):
+        photo = photos[k % len(photos)]
+        top = int(u_top * (photo.shape[0] - size + 1))
+        left = int(u_left * (photo.shape[1] - size + 1))
+        crop = photo[top:top + size, left:left + size]
+        crops[k] = crop[:, ::-1] if u_flip < 0.5 else crop
+    return crops
+
+
+def build_skimage_photos(root: Optional[str], split: Split, image_size: int, channels: int,
+                         count: Optional[int] = None) -> Dataset:
+    """Crops of scikit-image's sample photos; ``root`` is not used, ``count`` overrides SKIMAGE_CROPS."""
+    photos = skimage_photos()
+    smallest = min(min(photo.shape[:2]) for photo in photos.values())
+    if image_size > smallest:
+        raise ConfigError(f"data.image_size: {image_size} exceeds {smallest}, the shortest side of the "
+                          "downscaled skimage-photos")
+    count = SKIMAGE_CROPS[split] if count is None else count
+    split_seed = SKIMAGE_SEED + list(SKIMAGE_SPLITS).index(split)
+    crops = crop_photos([photos[name] for name in SKIMAGE_SPLITS[split]], count, image_size, split_seed)
+    return ArrayImageDataset(crops, None, channels=channels)
+
+
 DatasetBuilder = Callable[[Optional[str], Split, int, int], Optional[Dataset]]
 DATASETS: dict[str, DatasetBuilder] = {
     "fashion-mnist-embedded": build_fashion_mnist_embedded,
     "fashion-mnist": build_fashion_mnist,
     "mnist": build_mnist,
     "folder": build_folder,
+    "skimage-photos": build_skimage_photos,
 }
 
 

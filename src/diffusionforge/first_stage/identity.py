@@ -9,9 +9,10 @@ from torch import Tensor, nn
 
 class IdentityFirstStage(nn.Module):
     scale_factor: float = 1.0
+    downsample_factor: int = 1
 
     def encode(self, x: Tensor, sample=None) -> Tensor:
         return x
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor, grad: bool = False) -> Tensor:
         return z

@@ -58,10 +58,10 @@ class LatentFirstStage(nn.Module):
         z = posterior.sample() if use_sample else posterior.mode()
         return z * self.scale_factor
 
-    @torch.no_grad()
-    def decode(self, z: Tensor) -> Tensor:
-        """z: (B, c, H/f, W/f) scaled -> x: (B, C, H, W)."""
-        return self.autoencoder.decode(z / self.scale_factor)
+    def decode(self, z: Tensor, grad: bool = False) -> Tensor:
+        """z: (B, c, H/f, W/f) scaled -> x: (B, C, H, W); ``grad`` lets gradients reach z (pixel losses)."""
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return self.autoencoder.decode(z / self.scale_factor)
 
 
 @torch.no_grad()

@@ -1,0 +1,160 @@
+"""BridgeModel: image-to-image translation by Latent Bridge Matching (task=bridge).
+
+The ``GenerativeModel`` machinery (first stage, conditioner, backbone, EMA,
+optimiser, checkpoints) with the bridge process in place of Gaussian
+diffusion (Chadebec et al. 2025, Algorithm 1; gojasper/LBM ``LBMModel``):
+
+    z0 = E(x_target)                  first-stage encode (identity in pixel space)
+    z1 = E(x_source)                  the degraded image, resized to the target's size
+    c  = C(batch, first_stage)        e.g. the inpainting mask on the latent grid
+    t ~ timestep_sampling, eps ~ N(0, I)
+    x_t = (1 - t) z0 + t z1 + sigma_b sqrt(t (1 - t)) eps
+    loss = w_lat |v_theta(x_t, t T, c) - (z1 - z0)|^p  [+ w_pix d(D(x_t - t v_theta), x_target)]
+
+``translate`` runs the Euler sampler from ``z1`` to ``z0_hat`` and decodes it.
+With a mask in the batch (1 = the hole to fill) the known pixels are taken
+from the source, so they are preserved exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..processes.bridge import BridgeMatching
+from ..samplers import autocast_denoise
+from ..samplers.bridge import sample_bridge
+from ..utils.images import save_grid
+from .generative import GenerativeModel
+
+GRID_PAIRS = 8  # pairs shown in the sample grids (rows: source, translation, target)
+
+
+class BridgeLoss(NamedTuple):
+    loss: Tensor  # () the scalar to minimise
+    latent: Tensor  # (B,) weighted latent velocity loss
+    pixel: Tensor  # (B,) unweighted pixel loss (zeros when off)
+
+
+class BridgeModel(GenerativeModel):
+    def __init__(self, *args, source_key: str = "source", target_key: str = "image",
+                 paste_key: Optional[str] = "mask", sample_steps: int = 1, pixel_loss=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.source_key = source_key
+        self.target_key = target_key
+        self.paste_key = paste_key  # batch key of the hole mask whose outside is kept from the source
+        self.sample_steps = sample_steps
+        self.pixel_loss = pixel_loss  # losses.pixel.PixelLoss or None
+        self._grid_batch: Optional[dict] = None
+
+    @property
+    def bridge(self) -> BridgeMatching:
+        return self.process
+
+    # ----------------------------------------------------------------- training
+    def source_images(self, batch: dict, size: tuple[int, int]) -> Tensor:
+        """batch[source_key] at ``size`` (bilinear when it differs, as LBM resizes its source)."""
+        if self.source_key not in batch:
+            raise KeyError(f"a bridge model needs the source images in batch['{self.source_key}']")
+        source = batch[self.source_key]
+        if tuple(source.shape[-2:]) != tuple(size):
+            source = F.interpolate(source, size=size, mode="bilinear", align_corners=False)
+        return source
+
+    def bridge_loss(self, batch: dict) -> BridgeLoss:
+        target = batch[self.target_key]
+        source = self.source_images(batch, target.shape[-2:])
+        with torch.no_grad():
+            z0 = self.first_stage.encode(target)
+            z1 = self.first_stage.encode(source, sample=False)
+        conditioner = self.net["conditioner"]
+        cond = conditioner(batch, first_stage=self.first_stage) if len(conditioner) else None
+        t = self.bridge.sample_t(z0.shape[0], z0.device)
+        x_t = self.bridge.interpolate(z0, z1, t)
+        v = self.net["backbone"](x_t, self.bridge.model_time(t), cond)
+        latent = self.bridge.latent_loss(v, self.bridge.velocity(z0, z1))
+        loss = latent
+        pixel = torch.zeros_like(latent)
+        weight = self.bridge.config.pixel_loss_weight
+        if self.pixel_loss is not None and weight > 0:
+            z0_hat = self.bridge.predict_target(x_t, v, t)
+            pixel = self.pixel_loss(lambda z: self.first_stage.decode(z, grad=True), z0_hat, target)
+            loss = loss + weight * pixel
+        return BridgeLoss(loss.mean(), latent, pixel)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        losses = self.bridge_loss(batch)
+        self.log("train/loss", losses.loss, prog_bar=True)
+        self.log("train/latent_loss", losses.latent.mean())
+        if self.pixel_loss is not None:
+            self.log("train/pixel_loss", losses.pixel.mean())
+        return losses.loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        if batch_idx == 0 and self._grid_batch is None:
+            self._grid_batch = {k: v[:GRID_PAIRS] for k, v in batch.items() if torch.is_tensor(v)}
+        self.log("val/loss", self.bridge_loss(batch).loss, sync_dist=True)
+
+    # ----------------------------------------------------------------- sampling
+    def sample(self, *args, **kwargs):
+        raise TypeError("a bridge model translates source images: use translate() (`dforge translate`)")
+
+    @torch.no_grad()
+    def translate(self, batch: dict, steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
+                  use_ema: bool = True, precision: str = "fp32", paste: bool = True,
+                  progress: bool = False) -> Tensor:
+        """Translate ``batch[source_key]`` (B, C, H, W) in [-1, 1] to target images (B, C, H, W).
+
+        ``steps`` Euler steps (default: the run's ``bridge.steps``); with
+        ``paste`` and a hole mask in the batch, pixels outside the hole are
+        the source's.
+        """
+        steps = self.sample_steps if steps is None else steps
+        net = self.sampling_net(use_ema)
+        was_training = net.training
+        net.eval()
+        try:
+            source = batch[self.source_key].to(self.device)
+            z1 = self.first_stage.encode(source, sample=False)
+            conditioner = net["conditioner"]
+            cond = conditioner(batch, first_stage=self.first_stage) if len(conditioner) else None
+            denoise = net["backbone"]
+            if precision == "bf16":
+                denoise = autocast_denoise(denoise, self.device.type)
+            out = sample_bridge(denoise, self.bridge, z1, cond, num_steps=steps, generator=generator,
+                                progress=progress)
+            images = self.first_stage.decode(out.sample).clamp(-1, 1)
+        finally:
+            net.train(was_training)
+        if paste and self.paste_key is not None and self.paste_key in batch:
+            hole = batch[self.paste_key].to(images)
+            images = hole * images + (1 - hole) * source
+        return images
+
+    def grid_rows(self, batch: dict, seed: int = 0) -> tuple[Tensor, int]:
+        """Rows of a grid: source, translation at 1 step (and at ``sample_steps`` if more), target."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        target = batch[self.target_key]
+        rows = [self.source_images(batch, target.shape[-2:])]
+        for steps in sorted({1, self.sample_steps}):
+            generator = torch.Generator(self.device).manual_seed(seed)
+            rows.append(self.translate(batch, steps=steps, generator=generator))
+        rows.append(target)
+        return torch.cat(rows), len(target)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.sample_dir is not None and self.trainer.is_global_zero and self._grid_batch is not None:
+            self.write_sample_grid(self.sample_dir / f"step_{self.global_step:07d}.png")
+
+    def write_sample_grid(self, path: Path, seed: int = 0, batch: Optional[dict] = None) -> Path:
+        batch = batch if batch is not None else self._grid_batch
+        if batch is None:
+            raise ValueError("no pairs to show: pass a batch (the first validation batch is kept)")
+        images, nrow = self.grid_rows(batch, seed)
+        save_grid(images, path, nrow=nrow)
+        save_grid(images, path.parent / "latest.png", nrow=nrow)
+        return path
