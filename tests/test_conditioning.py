@@ -5,6 +5,7 @@ import torch
 
 from diffusionforge.conditioning import (ClassEmbedder, ClassLabelConfig, Conditioner,
                                          ConditionerWrapper)
+from diffusionforge.errors import ConfigError
 
 
 class ConstantCrossAttn(Conditioner):
@@ -42,8 +43,10 @@ def test_drop_rate_respected_in_training_only():
 
 
 def test_bad_rate_and_label_rejected():
+    with pytest.raises(ConfigError, match="ucg_rate: must be in \\[0, 1\\]"):
+        ClassLabelConfig(ucg_rate=1.5)
     with pytest.raises(ValueError, match="ucg_rate"):
-        ClassEmbedder(ClassLabelConfig(ucg_rate=1.5))
+        Conditioner("class_label", ucg_rate=-0.5)
     emb = ClassEmbedder(ClassLabelConfig(num_classes=10))
     with pytest.raises(ValueError, match="0..10"):
         emb({"class_label": torch.tensor([11])})

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -34,13 +36,20 @@ class FeatureAdapter(nn.Module):
         super().__init__()
         self.network = network.eval()
         self.num_features = num_features
+        self._last: Optional[tuple[Tensor, Tensor]] = None  # (batch, its features)
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
+        # FID and KID share this adapter and are updated with the same batch object:
+        # the second call reuses the first's features instead of running the network again.
+        if self._last is not None and self._last[0] is images:
+            return self._last[1]
         if not hasattr(self.network, "features"):
-            return self.network(images).double()
-        x = images.float() / 127.5 - 1.0
-        return self.network.features(x).double()
+            features = self.network(images).double()
+        else:
+            features = self.network.features(images.float() / 127.5 - 1.0).double()
+        self._last = (images, features)
+        return features
 
 
 def to_uint8(images: Tensor) -> Tensor:

@@ -91,7 +91,8 @@ class GenerativeModel(L.LightningModule):
     def diffusion_loss(self, batch: dict) -> Tensor:
         with torch.no_grad():
             z0 = self.first_stage.encode(batch["image"])
-        cond = self.net["conditioner"](batch) if len(self.net["conditioner"]) else None
+        conditioner = self.net["conditioner"]
+        cond = conditioner(batch, first_stage=self.first_stage) if len(conditioner) else None
         t = self.process.sample_timesteps(z0.shape[0], z0.device)
         noise = torch.randn_like(z0)
         z_t = self.process.q_sample(z0, t, noise)
@@ -143,7 +144,7 @@ class GenerativeModel(L.LightningModule):
         was_training = net.training
         net.eval()
         try:
-            cond, uncond = self._conditions(net, batch)
+            cond, uncond = self._conditions(net, batch, self.first_stage)
             denoise = net["backbone"]
             if request.precision == "bf16":
                 denoise = autocast_denoise(denoise, self.device.type)
@@ -198,11 +199,13 @@ class GenerativeModel(L.LightningModule):
         return mask * images + (1 - mask) * filled
 
     @staticmethod
-    def _conditions(net: nn.ModuleDict, batch: dict) -> tuple[Optional[Cond], Optional[Cond]]:
+    def _conditions(net: nn.ModuleDict, batch: dict,
+                    first_stage: Optional[nn.Module] = None) -> tuple[Optional[Cond], Optional[Cond]]:
         conditioner = net["conditioner"]
         if not len(conditioner):
             return None, None
-        return conditioner(batch), conditioner(batch, force_uncond=True)
+        return (conditioner(batch, first_stage=first_stage),
+                conditioner(batch, force_uncond=True, first_stage=first_stage))
 
     def grid_batch(self, per_class: int) -> tuple[dict, int, int]:
         """Conditioning for a grid: one row per class (or 8x8 unconditional)."""
