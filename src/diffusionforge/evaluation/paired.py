@@ -34,6 +34,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 
 from ..data.datamodule import ImageDataModule
 from ..data.degradations import low_resolution, upsample
+from ..errors import ConfigError
 from ..metrics.features import load_feature_network
 from .evaluate import choose_features, image_shape
 from .protocol import git_commit
@@ -97,6 +98,8 @@ def evaluate_bridge_run(model, config, num: int, steps: Sequence[int], batch_siz
     degradation = config.data.degradation
     datamodule = ImageDataModule(config.data, seed=config.seed)
     datamodule.setup("test")
+    if datamodule.test_set is None:
+        raise ConfigError(f"data.name: {config.data.name} has no test split to evaluate the pairs on")
     pairs = Subset(datamodule.test_set, range(min(num, len(datamodule.test_set))))
     network = load_feature_network(choose_features(config.data.name, features))
     shape = image_shape(config)
