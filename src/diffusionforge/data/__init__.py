@@ -8,6 +8,9 @@
 | ``datasets``    | ``ArrayImageDataset`` and the ``DATASETS`` registry            |
 | ``degradations``| ``DegradationConfig``, ``PairedDataset``: (source, target)    |
 |                 | pairs for image-to-image (SR, inpainting, denoise, deblur)    |
+| ``stories``     | ``StoryDataset``: multi-frame stories of one Fashion-MNIST /  |
+|                 | MNIST instance with grammar captions (AR-LDM)                 |
+| ``story_hdf5``  | ``StoryHDF5Dataset``: PororoSV / FlintstonesSV in ARLDM's HDF5 |
 | ``datamodule``  | ``DataConfig`` and the Lightning ``ImageDataModule``          |
 
 Items are dicts ``{"image": float (C, H, W) in [-1, 1], "class_label": long ()}``.
