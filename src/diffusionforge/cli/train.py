@@ -83,27 +83,14 @@ def build_task(config: ExperimentConfig,
         return config, build_autoencoder_module(config), finish_autoencoder_run
     config, autoencoder = prepare_first_stage(config, datamodule)
     model = build_model(config, datamodule.num_classes, autoencoder=autoencoder)
-    return config, model, finish_bridge_run if config.task == "bridge" else finish_diffusion_run
+    return config, model, finish_diffusion_run
 
 
 def finish_diffusion_run(model, datamodule: ImageDataModule, run_dir: Path,
                          config: ExperimentConfig) -> Path:
-    """Export the sampling weights and write samples/final.png; returns the grid."""
+    """Export the sampling weights and write samples/final.png (bridge runs: validation pairs); returns the grid."""
     export_weights(model, run_dir)
     return model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
-
-
-def finish_bridge_run(model, datamodule: ImageDataModule, run_dir: Path,
-                      config: ExperimentConfig) -> Path:
-    """Export the weights and write samples/final.png: validation pairs as source / translation / target."""
-    from torch.utils.data import default_collate
-
-    from ..models.bridge import GRID_PAIRS
-
-    export_weights(model, run_dir)
-    pairs = datamodule.val_set
-    batch = default_collate([pairs[i] for i in range(min(GRID_PAIRS, len(pairs)))])
-    return model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed, batch=batch)
 
 
 class StartStep(L.Callback):

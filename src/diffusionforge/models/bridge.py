@@ -24,6 +24,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import default_collate
 
 from ..processes.bridge import BridgeMatching
 from ..samplers import autocast_denoise
@@ -49,7 +50,6 @@ class BridgeModel(GenerativeModel):
         self.paste_key = paste_key  # batch key of the hole mask whose outside is kept from the source
         self.sample_steps = sample_steps
         self.pixel_loss = pixel_loss  # losses.pixel.PixelLoss or None
-        self._grid_batch: Optional[dict] = None
 
     @property
     def bridge(self) -> BridgeMatching:
@@ -95,8 +95,6 @@ class BridgeModel(GenerativeModel):
         return losses.loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        if batch_idx == 0 and self._grid_batch is None:
-            self._grid_batch = {k: v[:GRID_PAIRS] for k, v in batch.items() if torch.is_tensor(v)}
         self.log("val/loss", self.bridge_loss(batch).loss, sync_dist=True)
 
     # ----------------------------------------------------------------- sampling
@@ -146,14 +144,14 @@ class BridgeModel(GenerativeModel):
         rows.append(target)
         return torch.cat(rows), len(target)
 
-    def on_validation_epoch_end(self) -> None:
-        if self.sample_dir is not None and self.trainer.is_global_zero and self._grid_batch is not None:
-            self.write_sample_grid(self.sample_dir / f"step_{self.global_step:07d}.png")
+    def grid_batch(self) -> dict:
+        """The first GRID_PAIRS validation pairs of the datamodule being fitted (fixed by its seed)."""
+        pairs = self.trainer.datamodule.val_set
+        return default_collate([pairs[i] for i in range(min(GRID_PAIRS, len(pairs)))])
 
     def write_sample_grid(self, path: Path, seed: int = 0, batch: Optional[dict] = None) -> Path:
-        batch = batch if batch is not None else self._grid_batch
-        if batch is None:
-            raise ValueError("no pairs to show: pass a batch (the first validation batch is kept)")
+        """Grid of ``batch`` (default: the first validation pairs); the inherited validation hook calls it."""
+        batch = self.grid_batch() if batch is None else batch
         images, nrow = self.grid_rows(batch, seed)
         save_grid(images, path, nrow=nrow)
         save_grid(images, path.parent / "latest.png", nrow=nrow)
