@@ -14,6 +14,7 @@ from .conditioning import ClassEmbedder, Conditioner, ConditionerWrapper
 from .conditioning.labels import LabelConditioning
 from .conditioning.latents_concat import LatentsConcat
 from .conditioning.spatial import SpatialConcat
+from .conditioning.story import StoryConditioner
 from .conditioning.text import TextConditioner
 from .config.schema import ExperimentConfig
 from .data.captions import caption_names
@@ -51,6 +52,11 @@ def build_conditioner(config: ExperimentConfig, shape: tuple[int, int, int]) -> 
             raise ConfigError(f"model.conditioning.latents_concat: batch keys {missing} are not in the data "
                               f"(it gives {sorted(produced)}; masks need data.degradation.task=inpainting)")
         conditioners.append(LatentsConcat(latents_cfg, latent_channels=shape[0]))
+    story_cfg = config.model.conditioning.story
+    if story_cfg is not None:
+        if config.data.story is None:
+            raise ConfigError("model.conditioning.story: needs stories; set data.story (e.g. data.story.frames=4)")
+        conditioners.append(StoryConditioner(story_cfg, frames=config.data.story.frames, latent_shape=shape))
     return ConditionerWrapper(conditioners)
 
 
@@ -144,6 +150,10 @@ def build_model(config: ExperimentConfig, num_classes: Optional[int] = None,
                  sample_dir=sample_dir)
     if config.task == "bridge":
         return build_bridge_model(config, parts)
+    if config.task == "story":
+        return build_story_model(config, parts)
+    if config.data.story is not None:
+        raise ConfigError("data.story: stories are trained by task=story (set task=story)")
     return GenerativeModel(process=GaussianDiffusion(config.model.process), **parts)
 
 
@@ -175,6 +185,24 @@ def build_bridge_model(config: ExperimentConfig, parts: dict):
                        sample_steps=task.steps, pixel_loss=pixel_loss, **parts)
 
 
+def build_story_model(config: ExperimentConfig, parts: dict):
+    """task=story: the StoryModel (AR-LDM) on data.story with the story conditioner."""
+    from .models.story import StoryModel
+
+    if config.data.story is None:
+        raise ConfigError("data.story: task=story trains on stories; set data.story (e.g. data.story.frames=4)")
+    if config.model.conditioning.story is None:
+        raise ConfigError("model.conditioning.story: task=story needs the story conditioner "
+                          "(e.g. model.conditioning.story.dim=128)")
+    others = [name for name in ("class_label", "text", "concat", "latents_concat")
+              if getattr(config.model.conditioning, name) is not None]
+    if others:
+        raise ConfigError(f"model.conditioning.{others[0]}: task=story is conditioned by "
+                          "model.conditioning.story only")
+    return StoryModel(process=GaussianDiffusion(config.model.process), story_task=config.story.task,
+                      frames=config.data.story.frames, **parts)
+
+
 def build_datamodule(config: ExperimentConfig) -> ImageDataModule:
     return ImageDataModule(config.data, seed=config.seed)
 
@@ -199,9 +227,14 @@ def prepare_first_stage(config: ExperimentConfig, datamodule: ImageDataModule):
         datamodule.setup("fit")
         images = datamodule.train_set
         count = min(latent.scale_images, len(images))
-        batches = (torch.stack([images[i]["image"] for i in range(start, min(start + 256, count))])
+        batches = (torch.cat([_images_of(images[i]) for i in range(start, min(start + 256, count))])
                    for start in range(0, count, 256))
         scale = estimate_scale_factor(autoencoder, batches, latent.sample_posterior, seed=config.seed)
     config = dataclasses.replace(config, model=dataclasses.replace(
         config.model, latent=dataclasses.replace(latent, scale_factor=float(scale))))
     return config, autoencoder
+
+
+def _images_of(item: dict) -> torch.Tensor:
+    """A training item's images as (N, C, H, W): its image, or every frame of a story."""
+    return item["frames"] if "frames" in item else item["image"].unsqueeze(0)

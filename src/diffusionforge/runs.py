@@ -130,8 +130,8 @@ def load_run_model(run_dir: str | Path, use_ema: bool = True):
     from .build import build_model  # local: build imports the whole model stack
 
     run_dir, config = open_run(run_dir)
-    if config.task not in ("diffusion", "bridge"):
-        raise CheckpointError(f"{run_dir}: a task={config.task} run, not a diffusion or bridge model")
+    if config.task not in ("diffusion", "bridge", "story"):
+        raise CheckpointError(f"{run_dir}: a task={config.task} run, not a diffusion, bridge or story model")
     autoencoder = load_first_stage_copy(run_dir) if config.model.first_stage == "autoencoder" else None
     model = build_model(config, autoencoder=autoencoder)
     weights = run_dir / (EMA_WEIGHTS if use_ema else RAW_WEIGHTS)

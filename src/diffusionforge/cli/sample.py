@@ -79,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
     model, config = load_run_model(args.run_dir, use_ema=not args.raw)
     if config.task == "bridge":
         raise ConfigError(f"{args.run_dir} is an image-to-image bridge run: use `dforge translate`")
+    if config.task == "story":
+        raise ConfigError(f"{args.run_dir} is a story run: use `dforge story RUN_DIR --captions ...`")
     request = request_from_args(args, config)
     labels = class_labels(args.num, model.num_classes, args.class_label)
     generator = torch.Generator().manual_seed(args.seed)

@@ -52,7 +52,8 @@ from diffusionforge.errors import CheckpointError, ConfigError
 
 from .base import Conditioner, MaskedCond, check_ucg_rate
 
-__all__ = ["TEXT_ENCODERS", "TextConditioner", "TextConditionerConfig", "load_text_encoder", "mean_pool"]
+__all__ = ["TEXT_ENCODERS", "TextConditioner", "TextConditionerConfig", "add_character_tokens",
+           "load_text_encoder", "mean_pool"]
 
 EMPTY_CAPTION = ""  # what a dropped caption becomes (CFG)
 
@@ -132,6 +133,37 @@ def load_text_encoder(encoder: str, path: Optional[Union[str, Path]] = None) -> 
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise CheckpointError(f"text encoder {encoder!r}: cannot load {directory}: {first}") from None
     return tokenizer, model
+
+
+def add_character_tokens(tokenizer: Any, encoder: torch.nn.Module, characters: dict[str, str]) -> list[int]:
+    """Add each new character name as one token, its input embedding the mean of similar words'.
+
+    AR-LDM extends the CLIP and BLIP vocabularies with the PororoSV /
+    FlintstonesSV character names, which the tokenizers would otherwise split
+    into meaningless pieces. Here a name's embedding starts as the mean input
+    embedding of the word pieces of ``characters[name]`` (e.g. ``"pororo":
+    "penguin"``), so the encoder reads it as that description until trained.
+    Returns the new token ids. Names the vocabulary already has as one token
+    raise ``ConfigError`` (nothing to add).
+    """
+    names = list(characters)
+    known = [name for name in names if len(tokenizer.tokenize(name)) == 1
+             and tokenizer.convert_tokens_to_ids(tokenizer.tokenize(name)[0]) != tokenizer.unk_token_id]
+    if known:
+        raise ConfigError(f"model.conditioning.story.characters: {known} are already single tokens "
+                          "of the caption encoder's vocabulary")
+    pieces = {name: tokenizer(characters[name], add_special_tokens=False)["input_ids"] for name in names}
+    empty = [name for name, ids in pieces.items() if not ids]
+    if empty:
+        raise ConfigError(f"model.conditioning.story.characters: the words for {empty} give no tokens")
+    tokenizer.add_tokens(names)
+    encoder.resize_token_embeddings(len(tokenizer))
+    table = encoder.get_input_embeddings().weight
+    ids = tokenizer.convert_tokens_to_ids(names)
+    with torch.no_grad():
+        for name, new_id in zip(names, ids):
+            table[new_id] = table[pieces[name]].mean(dim=0)
+    return ids
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ from ..backbones.unet import UNetConfig
 from ..conditioning.class_label import ClassLabelConfig
 from ..conditioning.latents_concat import LatentsConcatConfig
 from ..conditioning.spatial import ConcatConditionerConfig
+from ..conditioning.story import StoryConditionerConfig
 from ..conditioning.text import TextConditionerConfig
 from ..data.datamodule import DataConfig
 from ..first_stage.autoencoder import AutoencoderConfig
@@ -31,6 +32,7 @@ class ConditioningConfig:
     text: Optional[TextConditionerConfig] = None     # captions: crossattn tokens, or vector (adm mode)
     concat: Optional[ConcatConditionerConfig] = None  # spatial map stacked onto x_t (concat; + text = hybrid)
     latents_concat: Optional[LatentsConcatConfig] = None  # images VAE-encoded + masks resized to the latent grid (LBM)
+    story: Optional[StoryConditionerConfig] = None  # AR-LDM: caption + causal (caption, frame) history (crossattn)
 
 
 @dataclass
@@ -125,9 +127,20 @@ class BridgeTaskConfig:
 
 
 @dataclass
+class StoryTaskConfig:
+    """task=story: AR-LDM on data.story stories, conditioned by model.conditioning.story."""
+
+    task: Literal["visualisation", "continuation"] = "visualisation"  # generate every frame, or frames 1.. after a given frame 0
+
+    def __post_init__(self) -> None:
+        if self.task not in ("visualisation", "continuation"):
+            raise ValueError(f"story.task: must be visualisation or continuation, got {self.task!r}")
+
+
+@dataclass
 class ExperimentConfig:
     name: str = "fashion-ddpm"             # run name; the default run dir is runs/<name>-<time>
-    task: Literal["diffusion", "autoencoder", "bridge"] = "diffusion"  # what `dforge train` trains
+    task: Literal["diffusion", "autoencoder", "bridge", "story"] = "diffusion"  # what `dforge train` trains
     seed: int = 0                          # seeds data split, init and sampling
     run_dir: Optional[str] = None          # where config, checkpoints, samples and logs go
     data: DataConfig = field(default_factory=DataConfig)
@@ -137,6 +150,7 @@ class ExperimentConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     autoencoder: AutoencoderTaskConfig = field(default_factory=AutoencoderTaskConfig)  # task=autoencoder
     bridge: BridgeTaskConfig = field(default_factory=BridgeTaskConfig)  # task=bridge
+    story: StoryTaskConfig = field(default_factory=StoryTaskConfig)  # task=story
 
     def __post_init__(self) -> None:
         # the schedule counts training batches: autoencoder runs make 2 optimiser steps per batch

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from diffusionforge.data.captions import Captioned, caption_names, check_template
 from diffusionforge.data.datasets import build_dataset
 from diffusionforge.data.degradations import DegradationConfig, PairedDataset, check_image_size
+from diffusionforge.data.stories import StoryConfig, StoryDataset, collate_stories
 from diffusionforge.errors import ConfigError
 
 DatasetName = Literal["fashion-mnist-embedded", "fashion-mnist", "mnist", "folder", "skimage-photos"]
@@ -72,6 +73,7 @@ class DataConfig:
     hflip: bool = False  # random horizontal flip augmentation (train split only)
     caption_template: Optional[str] = None  # e.g. "a photo of {}": adds batch["caption"] from class names
     degradation: Optional[DegradationConfig] = None  # image-to-image pairs: adds batch["source"] (+ "mask")
+    story: Optional[StoryConfig] = None  # stories (task=story): batches of frames + captions, see stories.py
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,22 +100,46 @@ class DataConfig:
         self.degradation = _as_degradation(self.degradation)
         if self.degradation is not None:
             check_image_size(self.degradation, self.image_size)
+        self.story = _as_section(self.story, StoryConfig, "story")
+        if self.story is not None:
+            self._check_story()
+
+    def _check_story(self) -> None:
+        """Story frames are the images: the canvas fixes image_size, stories are grey, no pairs or templates."""
+        story = self.story
+        if self.image_size != story.canvas:
+            raise ConfigError(f"data.image_size: must equal data.story.canvas ({story.canvas}) for stories, "
+                              f"got {self.image_size}")
+        if self.channels != 1:
+            raise ConfigError(f"data.channels: stories are grey (1 channel), got {self.channels}")
+        for key in ("degradation", "caption_template", "limit_train"):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"data.{key}: not used with data.story (stories carry their own captions; "
+                                  "size the splits with data.story.train_stories etc.)")
+        if self.batch_size > story.train_stories:
+            raise ConfigError(f"data.batch_size: {self.batch_size} exceeds data.story.train_stories "
+                              f"({story.train_stories}); no full batch would remain")
 
 
 def _as_degradation(value: object) -> Optional[DegradationConfig]:
     """None, a validated DegradationConfig, or one built from a mapping of its fields."""
+    return _as_section(value, DegradationConfig, "degradation")
+
+
+def _as_section(value: object, cls: type, key: str):
+    """None, a validated ``cls`` instance, or one built from a mapping of its fields (section ``data.<key>``)."""
     if value is None:
         return None
-    if isinstance(value, DegradationConfig):
+    if isinstance(value, cls):
         value.validate()
         return value
     if not isinstance(value, Mapping):
-        raise ConfigError(f"data.degradation: must be a mapping of degradation keys or null, got {value!r}")
-    known = {f.name for f in fields(DegradationConfig)}
-    unknown = sorted(str(key) for key in value if key not in known)
+        raise ConfigError(f"data.{key}: must be a mapping of {key} keys or null, got {value!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(str(k) for k in value if k not in known)
     if unknown:
-        raise ConfigError(f"data.degradation.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    return DegradationConfig(**dict(value))
+        raise ConfigError(f"data.{key}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
+    return cls(**dict(value))
 
 
 def _is_int(value: object) -> bool:
@@ -170,10 +196,15 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def num_classes(self) -> Optional[int]:
-        """10 for the MNIST family, the number of class sub-folders for folder, None if unlabelled."""
+        """10 for the MNIST family, the number of class sub-folders for folder, None if unlabelled or stories."""
+        if self.config.story is not None:
+            return None  # stories are conditioned by their captions
         return getattr(self.source("train"), "num_classes", None)
 
     def setup(self, stage: Optional[str] = None) -> None:
+        if self.config.story is not None:
+            self._setup_stories(stage)
+            return
         if stage in (None, "fit", "validate") and self.train_set is None:
             self._setup_train_val()
         if stage in (None, "test") and self.test_set is None:
@@ -203,11 +234,22 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set = self.paired(train_set, deterministic=False)
         self.val_set = self.paired(Subset(full, val), deterministic=True)
 
+    def _setup_stories(self, stage: Optional[str]) -> None:
+        """StoryDataset splits (their own seeded draw: data.story.seed)."""
+        story = self.config.story
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            self.train_set = StoryDataset(story, "train")
+            self.val_set = StoryDataset(story, "val")
+        if stage in (None, "test") and self.test_set is None:
+            self.test_set = StoryDataset(story, "test")
+
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.config.num_workers
+        collate = collate_stories if self.config.story is not None else None
         return DataLoader(
             dataset, batch_size=self.config.batch_size, shuffle=train, drop_last=train,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:
