@@ -29,7 +29,14 @@ sampling flags (--sampler, --steps, --eta, --guidance, --seed, --raw, --precisio
 bridge runs (task=bridge, e.g. `dforge train fashion-lbm-sr`) are scored on the first --num
 test pairs, degraded as in training: PSNR, SSIM, FID and KID of the translations at each of
 --steps, beside the degraded input (and bicubic upsampling for super-resolution):
-  dforge evaluate runs/fashion-lbm-sr --num 10000 --steps 1 2 4"""
+  dforge evaluate runs/fashion-lbm-sr --num 10000 --steps 1 2 4
+
+story runs (task=story, e.g. `dforge train fashion-arldm`) generate the first --num test stories
+from their captions (continuation runs: and their real first frame), frame by frame, and score
+FID per frame, caption accuracy (named / omitted class), position and size accuracy and identity
+consistency on the item crops, with the classifier of the story source, beside the same scores
+of the real stories:
+  dforge evaluate runs/fashion-arldm --num 1000 --steps 50 --guidance 2"""
 
 
 def add_parser(sub) -> None:
@@ -58,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         record = evaluate_autoencoder_run(args)
     elif task == "bridge":
         record = evaluate_bridge(args)
+    elif task == "story":
+        record = evaluate_story(args)
     else:
         if args.steps is not None and len(args.steps) > 1:
             raise ConfigError(f"--steps: a diffusion run is scored at one step count, got {args.steps}")
@@ -83,6 +92,26 @@ def evaluate_bridge(args: argparse.Namespace) -> dict:
     return evaluate_bridge_run(model, config, args.num, steps, batch_size=args.batch_size,
                                features=args.features, seed=args.seed, use_ema=not args.raw,
                                precision=args.precision)
+
+
+def evaluate_story(args: argparse.Namespace) -> dict:
+    """metrics.json of a story run: the generated test stories' scores beside the real ones'."""
+    from ..evaluation.story import evaluate_story_run, story_classifier_name
+
+    if args.steps is not None and len(args.steps) > 1:
+        raise ConfigError(f"--steps: a story run is scored at one step count, got {args.steps}")
+    args.steps = 50 if args.steps is None else args.steps[0]
+    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
+    if config.data.story.source == "hdf5":
+        raise ConfigError("data.story.source=hdf5: the story metrics need labelled stories (made from "
+                          "fashion-mnist-embedded or mnist); score PororoSV / FlintstonesSV samples with "
+                          "`dforge story` and an external FID")
+    name = story_classifier_name(config.data.story.source)
+    if args.features is not None and args.features != name:
+        raise ConfigError(f"--features: story runs are scored on the {name} classifier (crops of the "
+                          f"{config.data.story.source} items), got {args.features}")
+    request = request_from_args(args, config)
+    return evaluate_story_run(model, config, args.num, request, seed=args.seed, batch_size=args.batch_size)
 
 
 def evaluate_autoencoder_run(args: argparse.Namespace) -> dict:

@@ -19,19 +19,20 @@ EXAMPLES = """examples:
   dforge train --resume runs/fashion-ddpm-20261123-101500
   dforge sample runs/fashion-ddpm-20261123-101500 --num 64 --sampler ddim --steps 50 --guidance 2 --out grid.png
   dforge translate runs/fashion-lbm-sr-20261123-101500 low_res.png --steps 1 --out high_res.png
+  dforge story runs/fashion-arldm-20261123-101500 --captions "a sneaker at the top left" "it moves to the right" --out story.png
   dforge convert stable-diffusion-v1-5 --kind vae --to ours --out sd15-vae
   dforge presets
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert, evaluate, presets, sample, train, translate
+    from . import convert, evaluate, presets, sample, story, train, translate
 
     parser = argparse.ArgumentParser(
         prog="dforge", description="Train, sample and evaluate diffusion models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, sample, translate, evaluate, convert, presets):
+    for module in (train, sample, translate, story, evaluate, convert, presets):
         module.add_parser(sub)
     return parser
 

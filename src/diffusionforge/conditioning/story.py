@@ -35,7 +35,9 @@ Sequence of target frame ``j`` (``(1 + F - 1) * L`` tokens, width D)::
   self-attention over the caption tokens, cross-attention from them to the
   image tokens, and an MLP (BLIP's image-grounded text encoder, the
   ``mode='multimodal'`` of ARLDM's ``mm_encoder``). Its output keeps the
-  caption's L positions.
+  caption's L positions. ``history_encoder=blip`` uses BLIP itself from a
+  local folder instead (``blip.py``: its ViT over the decoded frame, its
+  text encoder over the caption, frozen, plus a learned projection to D).
 * ``type_0 / type_1``: learned modality-type embeddings (current caption /
   history); ``time_k``: learned frame-time embedding of history segment k.
   As in ARLDM, the current caption gets no time embedding.
@@ -95,6 +97,8 @@ class StoryConditionerConfig:
     image_layers: int = 1  # transformer layers over a frame's image tokens
     fusion_layers: int = 2  # image-grounded text layers: self-attn, cross-attn to the image, MLP
     history: bool = True  # False: captions only (the history masked out; the ablation)
+    history_encoder: str = "fusion"  # fusion: ours, over first-stage latents; blip: BLIP from blip_path, over frames
+    blip_path: Optional[str] = None  # local BlipForImageTextRetrieval folder (history_encoder=blip)
     ucg_rate: float = 0.1  # P(a frame's whole condition becomes the null caption + null history)
 
     def __post_init__(self) -> None:
@@ -112,6 +116,12 @@ class StoryConditionerConfig:
                 raise ConfigError(f"model.conditioning.story.{key}: must be an integer >= 0, got {value!r}")
         if self.dim % self.heads:
             raise ConfigError(f"model.conditioning.story.dim: {self.dim} is not divisible by heads={self.heads}")
+        if self.history_encoder not in ("fusion", "blip"):
+            raise ConfigError(f"model.conditioning.story.history_encoder: must be fusion or blip, "
+                              f"got {self.history_encoder!r}")
+        if self.history_encoder == "blip" and self.blip_path is None:
+            raise ConfigError("model.conditioning.story.blip_path: history_encoder=blip needs a local "
+                              "BlipForImageTextRetrieval folder")
         if not isinstance(self.history, bool):
             raise ConfigError(f"model.conditioning.story.history: must be true or false, got {self.history!r}")
         if not isinstance(self.characters, dict) or not all(
@@ -213,7 +223,16 @@ class StoryConditioner(Conditioner):
         self.caption_proj = nn.Linear(text_dim, config.dim)
         self.type_embedding = nn.Embedding(MODALITIES, config.dim)
         self.time_embedding = nn.Embedding(max(frames - 1, 1), config.dim)
-        self.history = HistoryEncoder(text_dim, latent_shape, config) if config.history else None
+        has_history = config.history and frames > 1  # one-frame stories have no history
+        self.history = self.build_history(config, text_dim, latent_shape) if has_history else None
+
+    @staticmethod
+    def build_history(config: StoryConditionerConfig, text_dim: int, latent_shape) -> nn.Module:
+        if config.history_encoder == "blip":
+            from .blip import BlipHistoryEncoder
+
+            return BlipHistoryEncoder(config.blip_path, config.dim, config.max_length)
+        return HistoryEncoder(text_dim, latent_shape, config)
 
     @property
     def dim(self) -> int:
@@ -222,11 +241,6 @@ class StoryConditioner(Conditioner):
     @property
     def input_keys(self) -> tuple[str, ...]:
         return ("captions", "frames")
-
-    @property
-    def segments(self) -> int:
-        """History segments in the sequence: frames 0 .. F-2 (none for the captions-only ablation)."""
-        return self.frames - 1 if self.history is not None else 0
 
     def read(self, batch: dict) -> dict:
         if "captions" not in batch:
@@ -292,17 +306,20 @@ class StoryConditioner(Conditioner):
         segments = self.frames - 1
         stories = len(captions)
         texts = [captions[b][k] for b in range(stories) for k in range(segments)]
-        tokens, mask = self.text.encode(texts, torch.zeros(len(texts), dtype=torch.bool))
-        latents = self.frame_latents(frames[:, :segments].flatten(0, 1), first_stage)
-        fused = self.history(tokens, mask, latents)
+        fused, mask = self.fuse(texts, frames[:, :segments].flatten(0, 1), first_stage)
         return fused.unflatten(0, (stories, segments)), mask.unflatten(0, (stories, segments))
 
     def null_segment(self, first_stage: nn.Module, frames: Tensor) -> tuple[Tensor, Tensor]:
         """The history segment of a dropped row: the empty caption fused with a black frame."""
-        tokens, mask = self.text.encode([EMPTY_CAPTION], torch.zeros(1, dtype=torch.bool))
-        black = -torch.ones_like(frames[:1, 0])  # (1, C, H, W)
-        fused = self.history(tokens, mask, self.frame_latents(black, first_stage))
+        fused, mask = self.fuse([EMPTY_CAPTION], -torch.ones_like(frames[:1, 0]), first_stage)
         return fused[0], mask[0]
+
+    def fuse(self, texts: list[str], frames: Tensor, first_stage: nn.Module) -> tuple[Tensor, Tensor]:
+        """N captions with their frames ``(N, C, H, W)`` -> fused segments ``(N, L, D)`` and masks ``(N, L)``."""
+        if self.config.history_encoder == "blip":
+            return self.history(texts, frames)
+        tokens, mask = self.text.encode(texts, torch.zeros(len(texts), dtype=torch.bool))
+        return self.history(tokens, mask, self.frame_latents(frames, first_stage)), mask
 
     @staticmethod
     def frame_latents(images: Tensor, first_stage: nn.Module) -> Tensor:

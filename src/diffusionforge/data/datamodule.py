@@ -105,12 +105,18 @@ class DataConfig:
             self._check_story()
 
     def _check_story(self) -> None:
-        """Story frames are the images: the canvas fixes image_size, stories are grey, no pairs or templates."""
+        """Story frames are the images: the canvas fixes image_size, stories are grey, no pairs or templates.
+
+        HDF5 stories (PororoSV / FlintstonesSV) are RGB frames resized to image_size.
+        """
         story = self.story
-        if self.image_size != story.canvas:
+        if story.source == "hdf5":
+            if self.channels != 3:
+                raise ConfigError(f"data.channels: HDF5 stories are RGB (3 channels), got {self.channels}")
+        elif self.image_size != story.canvas:
             raise ConfigError(f"data.image_size: must equal data.story.canvas ({story.canvas}) for stories, "
                               f"got {self.image_size}")
-        if self.channels != 1:
+        elif self.channels != 1:
             raise ConfigError(f"data.channels: stories are grey (1 channel), got {self.channels}")
         for key in ("degradation", "caption_template", "limit_train"):
             if getattr(self, key) is not None:
@@ -235,13 +241,22 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set = self.paired(Subset(full, val), deterministic=True)
 
     def _setup_stories(self, stage: Optional[str]) -> None:
-        """StoryDataset splits (their own seeded draw: data.story.seed)."""
-        story = self.config.story
+        """StoryDataset splits (their own seeded draw: data.story.seed), or the HDF5 file's splits."""
         if stage in (None, "fit", "validate") and self.train_set is None:
-            self.train_set = StoryDataset(story, "train")
-            self.val_set = StoryDataset(story, "val")
+            self.train_set = self.stories("train")
+            self.val_set = self.stories("val")
         if stage in (None, "test") and self.test_set is None:
-            self.test_set = StoryDataset(story, "test")
+            self.test_set = self.stories("test")
+
+    def stories(self, split: Literal["train", "val", "test"]) -> Dataset:
+        """One split of data.story: made stories, or an HDF5 file's (a random frame of a strip in training)."""
+        story = self.config.story
+        if story.source != "hdf5":
+            return StoryDataset(story, split)
+        from diffusionforge.data.story_hdf5 import StoryHDF5Dataset
+
+        return StoryHDF5Dataset(story.root, split, image_size=self.config.image_size, frames=story.frames,
+                                strip_frame="random" if split == "train" else "middle")
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         workers = self.config.num_workers

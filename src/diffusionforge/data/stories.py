@@ -68,7 +68,7 @@ from diffusionforge.data.datasets import build_dataset
 from diffusionforge.data.folder import uint8_to_signed
 from diffusionforge.errors import ConfigError
 
-StorySource = Literal["fashion-mnist-embedded", "mnist"]
+StorySource = Literal["fashion-mnist-embedded", "mnist", "hdf5"]  # hdf5: PororoSV / FlintstonesSV (story_hdf5.py)
 StorySplit = Literal["train", "val", "test"]
 SOURCE_SPLIT: dict[str, Literal["train", "test"]] = {"train": "train", "val": "train", "test": "test"}
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
@@ -89,7 +89,7 @@ class StoryConfig:
     """How stories are drawn (YAML section ``data.story``)."""
 
     source: StorySource = "fashion-mnist-embedded"  # real images the stories show
-    root: Optional[str] = None  # MNIST folder (as data.root) for source=mnist; unused otherwise
+    root: Optional[str] = None  # MNIST folder (as data.root) for source=mnist; the .h5 file for source=hdf5
     frames: int = 4  # F, frames per story
     canvas: int = 32  # S, side of the black square canvas in pixels
     item_size: int = 16  # item side at normal size; small / large are 0.6x / 1.4x
@@ -110,7 +110,9 @@ class StoryConfig:
             raise _error("source", f"{self.source!r} is not one of {', '.join(get_args(StorySource))}")
         if self.source == "mnist" and self.root is None:
             raise _error("root", "required for source=mnist (a folder with the MNIST idx files)")
-        if self.source != "mnist" and self.root is not None:
+        if self.source == "hdf5" and self.root is None:
+            raise _error("root", "required for source=hdf5 (an ARLDM-layout PororoSV / FlintstonesSV file)")
+        if self.source == "fashion-mnist-embedded" and self.root is not None:
             raise _error("root", f"not used by source={self.source}")
         minimums = {"frames": 1, "canvas": 8, "item_size": 4, "train_stories": 0, "val_stories": 0,
                     "test_stories": 0, "val_instances": 1, "seed": 0}
@@ -278,6 +280,8 @@ class StoryDataset(Dataset):
         if split not in SOURCE_SPLIT:
             raise ValueError(f"split must be train, val or test, got {split!r}")
         config.validate()
+        if config.source == "hdf5":
+            raise ValueError("source=hdf5 stories are read by story_hdf5.StoryHDF5Dataset, not made")
         self.config, self.split = config, split
         self.images, self.labels = source_arrays(config.source, config.root, SOURCE_SPLIT[split])
         self.nouns = tuple(noun_of(name) for name in caption_names(config.source))

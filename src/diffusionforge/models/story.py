@@ -72,17 +72,21 @@ class StoryModel(GenerativeModel):
     def generate(self, captions: Sequence[Sequence[str]], request: SampleRequest,
                  first_frames: Optional[Tensor] = None,
                  generator: Optional[torch.Generator] = None) -> Tensor:
-        """Stories ``(B, F, C, H, W)`` in [-1, 1] for B lists of F captions, frame by frame.
+        """Stories ``(B, n, C, H, W)`` in [-1, 1] for B lists of n <= F captions, frame by frame.
 
-        ``first_frames`` ``(B, C, H, W)``: frame 0 is given and frames 1..F-1
+        A story shorter than the F frames trained on is padded with empty
+        captions that are never seen (frame j attends to captions <= j only).
+        ``first_frames`` ``(B, C, H, W)``: frame 0 is given and frames 1..n-1
         are generated (continuation; required by continuation models).
         """
         captions = [list(story) for story in captions]
-        if not captions or any(len(story) != self.frames for story in captions):
-            raise ValueError(f"captions must be B lists of {self.frames} captions")
+        length = len(captions[0]) if captions else 0
+        if not captions or not 1 <= length <= self.frames or any(len(story) != length for story in captions):
+            raise ValueError(f"captions must be B lists of the same number (1..{self.frames}) of captions")
         if first_frames is None and self.story_task == "continuation":
             raise ValueError("a continuation model needs the first frame of each story")
         count = len(captions)
+        padded = [story + [""] * (self.frames - length) for story in captions]
         shape = self.image_shape
         frames = torch.zeros((count, self.frames, *shape), device=self.device)
         start = 0
@@ -91,10 +95,10 @@ class StoryModel(GenerativeModel):
                 raise ValueError(f"first frames must have shape {(count, *shape)}, got {tuple(first_frames.shape)}")
             frames[:, 0] = first_frames.to(self.device)
             start = 1
-        for j in range(start, self.frames):
-            batch = {"captions": captions, "frames": frames, "targets": [j]}
+        for j in range(start, length):
+            batch = {"captions": padded, "frames": frames, "targets": [j]}
             frames[:, j] = self.sample(batch, count, request, generator=generator)
-        return frames
+        return frames[:, :length]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:

@@ -1,0 +1,142 @@
+"""AR-LDM end to end through the CLI: the fashion-arldm preset shrunk to a tiny pixel-space run
+(visualisation and continuation), `dforge story`, `dforge evaluate` on a story run, the
+datamodule's story batches, and the one-line errors of bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusionforge.cli.main import main
+from diffusionforge.config.loader import load_config
+from diffusionforge.data.datamodule import ImageDataModule
+from diffusionforge.utils.images import save_png, to_uint8
+from test_cli import assert_one_line_error
+from test_text_conditioner import _tiny_bert
+
+CANVAS = 16
+TINY_STORY = ["model.first_stage=identity", f"data.image_size={CANVAS}", "data.batch_size=4",
+              f"data.story.canvas={CANVAS}", "data.story.item_size=8", "data.story.train_stories=32",
+              "data.story.val_stories=4", "data.story.test_stories=8", "data.story.val_instances=50",
+              "model.unet.model_channels=16", "model.unet.channel_mult=[1,2]", "model.unet.num_res_blocks=1",
+              "model.unet.attention_resolutions=[2]", "model.unet.num_head_channels=16",
+              "model.unet.norm_groups=8", "model.process.num_timesteps=100",
+              "model.conditioning.story.dim=16", "model.conditioning.story.heads=2",
+              "model.conditioning.story.patch=4", "model.conditioning.story.max_length=8",
+              "optim.warmup_steps=2", "optim.ema_decay=0.5", "trainer.max_steps=4", "trainer.max_time=null",
+              "trainer.val_every_n_steps=2", "trainer.checkpoint_every_n_steps=2",
+              "trainer.limit_val_batches=1", "trainer.precision=32-true", "sample.steps=3"]
+TASKS = ["visualisation", "continuation"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("story-runs")
+    text = _tiny_bert(tmp_path_factory.mktemp("story-run-bert"))
+    made = {}
+    for task in TASKS:
+        made[task] = root / task
+        assert main(["train", "fashion-arldm", *TINY_STORY, f"model.conditioning.story.path={text}",
+                     f"story.task={task}", f"run_dir={made[task]}", "--no-progress"]) == 0
+    return made
+
+
+@pytest.fixture(scope="module")
+def frame_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("story-inputs") / "frame0.png"
+    frame = torch.full((1, CANVAS, CANVAS), -1.0)
+    frame[:, 2:10, 4:12] = 0.5
+    save_png(to_uint8(frame), path)
+    return path
+
+
+def _png(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_story_run_directory(runs, task):
+    run = runs[task]
+    for name in ["config.yaml", "model.safetensors", "model_raw.safetensors", "samples/final.png",
+                 "train_summary.json"]:
+        assert (run / name).is_file(), name
+    assert json.loads((run / "train_summary.json").read_text())["global_step"] == 4
+    grid = _png(run / "samples" / "final.png")
+    assert grid.shape[0] > grid.shape[1]  # 4 stories x (real, generated) rows of 4 frames
+
+
+def test_datamodule_batches_stories():
+    config = load_config("fashion-arldm", TINY_STORY)
+    datamodule = ImageDataModule(config.data)
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["frames"].shape == (4, 4, 1, CANVAS, CANVAS)
+    assert len(batch["captions"]) == 4 and all(len(c) == 4 for c in batch["captions"])
+    assert datamodule.num_classes is None
+
+
+def test_story_command_writes_a_strip_per_story(runs, tmp_path):
+    out = tmp_path / "story.png"
+    assert main(["story", str(runs["visualisation"]), "--captions", "a sneaker at the top left",
+                 "it moves to the right", "it gets smaller", "--steps", "3", "--num", "2",
+                 "--out", str(out)]) == 0
+    strip = _png(out)
+    pad = 2  # make_grid padding
+    assert strip.shape[:2] == (2 * (CANVAS + pad) + pad, 3 * (CANVAS + pad) + pad)
+
+
+def test_continuation_keeps_the_given_first_frame(runs, frame_png, tmp_path):
+    out = tmp_path / "cont.png"
+    assert main(["story", str(runs["continuation"]), "--first-frame", str(frame_png), "--captions",
+                 "a bag at the top", "it moves to the left", "--steps", "3", "--out", str(out)]) == 0
+    strip, given = _png(out), _png(frame_png)
+    np.testing.assert_array_equal(strip[2:2 + CANVAS, 2:2 + CANVAS], given)
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--captions", "a", "b", "c", "d", "e"], ["--captions", "at most 4"]),
+    (["--captions", "a sneaker", " "], ["--captions", "empty"]),
+    (["--captions", "a", "b", "--steps", "0"], ["--steps"]),
+])
+def test_story_errors_are_one_line(runs, capsys, argv, fragments):
+    code = main(["story", str(runs["visualisation"]), *argv, "--out", "unused.png"])
+    assert_one_line_error(code, capsys.readouterr().err, *fragments)
+
+
+def test_continuation_needs_the_first_frame(runs, capsys, tmp_path):
+    code = main(["story", str(runs["continuation"]), "--captions", "a", "b", "--out", str(tmp_path / "x.png")])
+    assert_one_line_error(code, capsys.readouterr().err, "--first-frame")
+    wrong = tmp_path / "small.png"
+    save_png(to_uint8(torch.zeros(1, 8, 8)), wrong)
+    code = main(["story", str(runs["continuation"]), "--first-frame", str(wrong), "--captions", "a", "b",
+                 "--out", str(tmp_path / "x.png")])
+    assert_one_line_error(code, capsys.readouterr().err, "small.png", "16x16")
+
+
+def test_other_commands_refuse_a_story_run(runs, capsys, tmp_path, frame_png):
+    code = main(["sample", str(runs["visualisation"]), "--out", str(tmp_path / "x.png")])
+    assert_one_line_error(code, capsys.readouterr().err, "dforge story")
+    code = main(["translate", str(runs["visualisation"]), str(frame_png), "--out", str(tmp_path / "x.png")])
+    assert_one_line_error(code, capsys.readouterr().err, "task=story")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_evaluate_scores_generated_beside_real_stories(runs, tmp_path, task):
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", str(runs[task]), "--num", "8", "--steps", "2", "--seed", "0",
+                 "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    model, real = record["metrics"]["model"], record["metrics"]["real"]
+    for key in ["caption_accuracy", "caption_accuracy_omitted", "position_accuracy", "size_accuracy",
+                "consistency_gap", "instance_gap", "fid", "fid_frame_1"]:
+        assert key in model, key
+    assert "fid" not in real and real["position_accuracy"] >= 0.9
+    protocol = record["protocol"]
+    assert protocol["num_stories"] == 8 and protocol["task"] == task and protocol["history"] is True
+    assert protocol["steps"] == 2 and protocol["classifier"] == "classifier/fashion-mnist"
+
+
+def test_evaluate_refuses_other_feature_networks(runs, capsys):
+    code = main(["evaluate", str(runs["visualisation"]), "--num", "4", "--features", "efficientnet"])
+    assert_one_line_error(code, capsys.readouterr().err, "--features")
