@@ -46,9 +46,9 @@ def runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def frame_png(tmp_path_factory):
     path = tmp_path_factory.mktemp("story-inputs") / "frame0.png"
-    frame = torch.full((1, CANVAS, CANVAS), -1.0)
-    frame[:, 2:10, 4:12] = 0.5
-    save_png(to_uint8(frame), path)
+    frame = torch.full((1, 1, CANVAS, CANVAS), -1.0)
+    frame[..., 2:10, 4:12] = 0.5
+    save_png(to_uint8(frame)[0], path)
     return path
 
 
@@ -108,7 +108,7 @@ def test_continuation_needs_the_first_frame(runs, capsys, tmp_path):
     code = main(["story", str(runs["continuation"]), "--captions", "a", "b", "--out", str(tmp_path / "x.png")])
     assert_one_line_error(code, capsys.readouterr().err, "--first-frame")
     wrong = tmp_path / "small.png"
-    save_png(to_uint8(torch.zeros(1, 8, 8)), wrong)
+    save_png(to_uint8(torch.zeros(1, 1, 8, 8))[0], wrong)
     code = main(["story", str(runs["continuation"]), "--first-frame", str(wrong), "--captions", "a", "b",
                  "--out", str(tmp_path / "x.png")])
     assert_one_line_error(code, capsys.readouterr().err, "small.png", "16x16")
@@ -140,3 +140,24 @@ def test_evaluate_scores_generated_beside_real_stories(runs, tmp_path, task):
 def test_evaluate_refuses_other_feature_networks(runs, capsys):
     code = main(["evaluate", str(runs["visualisation"]), "--num", "4", "--features", "efficientnet"])
     assert_one_line_error(code, capsys.readouterr().err, "--features")
+
+
+def test_hdf5_stories_train_and_tell(tmp_path, capsys):
+    """A PororoSV / FlintstonesSV file in ARLDM's layout trains a story run (RGB frames) end to end."""
+    pytest.importorskip("h5py")
+    from test_stories import write_arldm_file
+
+    path = write_arldm_file(tmp_path / "pororo.h5")
+    text = _tiny_bert(tmp_path)
+    run = tmp_path / "run"
+    overrides = [o for o in TINY_STORY if not o.startswith(("data.story.", "data.image_size", "data.batch_size"))]
+    assert main(["train", "fashion-arldm", *overrides, "data.story.source=hdf5", f"data.story.root={path}",
+                 "data.story.frames=5", "data.image_size=8", "data.channels=3", "data.batch_size=2",
+                 "model.conditioning.story.patch=2", f"model.conditioning.story.path={text}",
+                 "trainer.max_steps=2", f"run_dir={run}", "--no-progress"]) == 0
+    out = tmp_path / "story.png"
+    assert main(["story", str(run), "--captions", "a", "b", "--steps", "2", "--out", str(out)]) == 0
+    assert _png(out).shape == (8 + 4, 2 * 10 + 2, 3)
+    capsys.readouterr()
+    code = main(["evaluate", str(run), "--num", "2"])
+    assert_one_line_error(code, capsys.readouterr().err, "hdf5")
