@@ -338,3 +338,7 @@ def test_blip_history_encoder_from_a_local_folder(tiny_paths, tmp_path):
     assert ((_cond(conditioner, CAPTIONS, earlier, [2])["crossattn"] - cond["crossattn"]) * mask).abs().max() > 1e-4
     with pytest.raises(ConfigError, match="blip_path"):
         StoryConditionerConfig(history_encoder="blip")
+    from diffusionforge.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="BLIP history encoder: .*missing: folder not found"):
+        _conditioner(tiny_paths, history_encoder="blip", blip_path=str(tmp_path / "missing"))

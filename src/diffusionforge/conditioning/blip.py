@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
+from .text import check_model_folder, load_local_pretrained
 
 # BLIP's preprocessing (the OpenAI CLIP statistics) when the folder has no preprocessor_config.json
 BLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -39,19 +40,13 @@ BLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def load_blip(path: Union[str, Path]):
     """``(tokenizer, BlipForImageTextRetrieval, mean, std)`` from a local folder; one-line errors."""
     directory = Path(path)
-    if not (directory / "config.json").is_file():
-        what = "folder not found" if not directory.is_dir() else "no config.json (not a Hugging Face model folder)"
-        raise CheckpointError(f"BLIP history encoder: {directory}: {what}")
+    what = "BLIP history encoder"
+    check_model_folder(what, directory)
     try:
         from transformers import AutoTokenizer, BlipForImageTextRetrieval
     except ImportError:
         raise CheckpointError("the BLIP history encoder needs the 'transformers' package") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
-        model = BlipForImageTextRetrieval.from_pretrained(str(directory), local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"BLIP history encoder: cannot load {directory}: {first}") from None
+    tokenizer, model = load_local_pretrained(what, directory, AutoTokenizer, BlipForImageTextRetrieval)
     mean, std = BLIP_MEAN, BLIP_STD
     preprocessor = directory / "preprocessor_config.json"
     if preprocessor.is_file():

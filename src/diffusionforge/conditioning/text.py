@@ -119,19 +119,29 @@ def load_text_encoder(encoder: str, path: Optional[Union[str, Path]] = None) -> 
     missing or does not hold a loadable model.
     """
     directory = _default_path(encoder) if path is None else Path(path)
-    if not (directory / "config.json").is_file():
-        what = "folder not found" if not directory.is_dir() else "no config.json (not a Hugging Face model folder)"
-        raise CheckpointError(f"text encoder {encoder!r}: {directory}: {what}")
+    check_model_folder(f"text encoder {encoder!r}", directory)
     try:
         tokenizer_cls, model_cls = TEXT_ENCODERS[encoder]()
     except ImportError:
         raise CheckpointError("text conditioning needs the 'transformers' package: pip install transformers") from None
+    return load_local_pretrained(f"text encoder {encoder!r}", directory, tokenizer_cls, model_cls)
+
+
+def check_model_folder(what: str, directory: Path) -> None:
+    """CheckpointError naming ``what`` and ``directory`` unless it is a Hugging Face model folder."""
+    if not (directory / "config.json").is_file():
+        problem = "folder not found" if not directory.is_dir() else "no config.json (not a Hugging Face model folder)"
+        raise CheckpointError(f"{what}: {directory}: {problem}")
+
+
+def load_local_pretrained(what: str, directory: Path, tokenizer_cls: Any, model_cls: Any) -> tuple[Any, Any]:
+    """``(tokenizer, model)`` from a local folder (``local_files_only``); one-line CheckpointError naming it."""
     try:
         tokenizer = tokenizer_cls.from_pretrained(str(directory), local_files_only=True)
         model = model_cls.from_pretrained(str(directory), local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"text encoder {encoder!r}: cannot load {directory}: {first}") from None
+        raise CheckpointError(f"{what}: cannot load {directory}: {first}") from None
     return tokenizer, model
 
 
