@@ -287,19 +287,37 @@ class StoryConditioner(Conditioner):
             return MaskedCond(sequence, mask)
         if first_stage is None:
             raise ValueError("the story conditioner needs the first stage (pass first_stage=...)")
-        history, history_mask = self.encode_history(captions, value["frames"], first_stage)  # (B, S, L, D)
-        null, null_mask = self.null_segment(first_stage, value["frames"])  # (L, D), (L,)
+        history, history_mask = self.history_rows(captions, value["frames"], count, drop, first_stage)
         segments = history.shape[1]
-        history = history.repeat_interleave(count, dim=0)  # (B*T, S, L, D)
-        history_mask = history_mask.repeat_interleave(count, dim=0)  # (B*T, S, L)
-        dropped = drop.view(-1, 1, 1, 1)
-        history = torch.where(dropped, null.expand_as(history), history)
-        history_mask = torch.where(drop.view(-1, 1, 1), null_mask.expand_as(history_mask), history_mask)
         history = history + self.type_embedding.weight[1] + self.time_embedding.weight[:segments, None, :]
         causal = causal_history_mask(targets, segments, drop.device).repeat(stories, 1)  # (B*T, S)
         history_mask = history_mask & causal.unsqueeze(-1)
         sequence = torch.cat([sequence, history.flatten(1, 2)], dim=1)
         return MaskedCond(sequence, torch.cat([mask, history_mask.flatten(1, 2)], dim=1))
+
+    def history_rows(self, captions: list, frames: Tensor, count: int, drop: Tensor,
+                     first_stage: nn.Module) -> tuple[Tensor, Tensor]:
+        """Each row's history segments ``(B*T, F-1, L, D)`` and masks ``(B*T, F-1, L)`` before embeddings.
+
+        A row's own segments, or the null segment in each place for a dropped
+        row. Only what the rows use is encoded: the unconditional branch of
+        guidance (every row dropped) never runs the history encoder on frames,
+        and the null segment is fused only when some row is dropped.
+        """
+        shape = (len(captions) * count, self.frames - 1)
+        if not drop.all():
+            history, mask = self.encode_history(captions, frames, first_stage)  # (B, F-1, L, D)
+            history = history.repeat_interleave(count, dim=0)
+            mask = mask.repeat_interleave(count, dim=0)
+        if not drop.any():
+            return history, mask
+        null, null_mask = self.null_segment(first_stage, frames)  # (L, D), (L,)
+        null = null.expand(*shape, *null.shape)
+        null_mask = null_mask.expand(*shape, *null_mask.shape)
+        if drop.all():
+            return null, null_mask
+        return (torch.where(drop.view(-1, 1, 1, 1), null, history),
+                torch.where(drop.view(-1, 1, 1), null_mask, mask))
 
     def encode_history(self, captions: list, frames: Tensor, first_stage: nn.Module) -> tuple[Tensor, Tensor]:
         """Fused segments of frames 0 .. F-2: ``(B, F-1, L, D)`` and their token masks ``(B, F-1, L)``."""

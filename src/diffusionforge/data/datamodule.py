@@ -97,7 +97,7 @@ class DataConfig:
         if not isinstance(self.hflip, bool):
             raise ConfigError(f"data.hflip: must be true or false, got {self.hflip!r}")
         check_template(self.caption_template)
-        self.degradation = _as_degradation(self.degradation)
+        self.degradation = _as_section(self.degradation, DegradationConfig, "degradation")
         if self.degradation is not None:
             check_image_size(self.degradation, self.image_size)
         self.story = _as_section(self.story, StoryConfig, "story")
@@ -125,11 +125,6 @@ class DataConfig:
         if self.batch_size > story.train_stories:
             raise ConfigError(f"data.batch_size: {self.batch_size} exceeds data.story.train_stories "
                               f"({story.train_stories}); no full batch would remain")
-
-
-def _as_degradation(value: object) -> Optional[DegradationConfig]:
-    """None, a validated DegradationConfig, or one built from a mapping of its fields."""
-    return _as_section(value, DegradationConfig, "degradation")
 
 
 def _as_section(value: object, cls: type, key: str):

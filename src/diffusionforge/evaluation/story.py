@@ -34,7 +34,6 @@ import torch
 from torch.utils.data import Subset
 
 from ..data.stories import StoryDataset, collate_stories
-from ..metrics.classifier import load_classifier
 from ..metrics.features import load_feature_network
 from .protocol import git_commit
 from .story_metrics import score_stories
@@ -77,8 +76,8 @@ def evaluate_story_run(model, config, num: int, request, seed: int = 0, batch_si
     stories = StoryDataset(story, "test")
     subset = Subset(stories, range(min(num, len(stories))))
     name = story_classifier_name(story.source)
-    classifier = load_classifier(name)
     network = load_feature_network(name)
+    classifier = network.network  # the FID feature network is the same shipped classifier
     generator = torch.Generator(model.device).manual_seed(seed)
     generated, real, reference = [], [], []
     start = time.perf_counter()

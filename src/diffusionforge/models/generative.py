@@ -214,13 +214,16 @@ class GenerativeModel(L.LightningModule):
             return self.label_batch(labels), len(labels), per_class
         return {}, per_class * per_class, per_class
 
-    def write_sample_grid(self, path: Path, seed: int = 0) -> Path:
+    def grid_request(self) -> SampleRequest:
+        """How the validation / final grids are sampled: the run's ``sample`` section."""
         cfg = self.sample_config
-        batch, num, nrow = self.grid_batch(cfg.per_class)
-        request = SampleRequest(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta,
-                                spacing=cfg.spacing, guidance=cfg.guidance,
-                                guidance_channels=cfg.guidance_channels,
-                                clip_denoised=cfg.clip_denoised)
+        return SampleRequest(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, spacing=cfg.spacing,
+                             guidance=cfg.guidance, guidance_channels=cfg.guidance_channels,
+                             clip_denoised=cfg.clip_denoised)
+
+    def write_sample_grid(self, path: Path, seed: int = 0) -> Path:
+        batch, num, nrow = self.grid_batch(self.sample_config.per_class)
+        request = self.grid_request()
         generator = torch.Generator(self.device).manual_seed(seed)
         images = self.sample(batch, num, request, generator=generator)
         save_grid(images, path, nrow=nrow)

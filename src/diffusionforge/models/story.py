@@ -116,9 +116,7 @@ class StoryModel(GenerativeModel):
     def write_sample_grid(self, path: Path, seed: int = 0, batch: Optional[dict] = None) -> Path:
         """Rows: a real story, then the story generated from its captions (and first frame if continuation)."""
         batch = self.grid_batch() if batch is None else batch
-        cfg = self.sample_config
-        request = SampleRequest(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, spacing=cfg.spacing,
-                                guidance=cfg.guidance, clip_denoised=cfg.clip_denoised)
+        request = self.grid_request()
         real = batch["frames"].to(self.device)
         first = real[:, 0] if self.story_task == "continuation" else None
         generator = torch.Generator(self.device).manual_seed(seed)
