@@ -3,13 +3,16 @@
 Every error that bad input can cause (a wrong config key, a missing file, a
 checkpoint from another architecture) is raised as a ``DForgeError`` whose
 message is one line naming the problem. The CLI prints it as
-``dforge: error: <message>`` and exits with status 2; it never shows a
-traceback for these.
+``dforge: error: <message>`` and exits with the error's ``exit_status``
+(2 for bad input, 3 for a training run that failed, e.g. diverged); it never
+shows a traceback for these.
 """
 
 
 class DForgeError(Exception):
     """Base class: a problem with the user's input, reported in one line."""
+
+    exit_status = 2  # what `dforge` exits with
 
 
 class ConfigError(DForgeError):
@@ -22,3 +25,9 @@ class DataError(DForgeError):
 
 class CheckpointError(DForgeError):
     """A run directory, weights file or checkpoint is missing or does not fit."""
+
+
+class TrainingError(DForgeError):
+    """Training could not go on (e.g. the loss or gradients became non-finite)."""
+
+    exit_status = 3

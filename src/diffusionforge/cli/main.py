@@ -44,7 +44,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return args.handler(args) or 0
     except DForgeError as err:
         print(f"dforge: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_status
     except KeyboardInterrupt:
         print("dforge: interrupted", file=sys.stderr)
         return 130
