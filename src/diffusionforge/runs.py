@@ -25,6 +25,7 @@ from typing import Iterator, Sequence
 from .config.loader import config_to_yaml, load_config
 from .config.schema import ExperimentConfig
 from .errors import CheckpointError, ConfigError
+from .utils.atomic import atomic_path
 from .weights import load_weights, save_weights
 
 CONFIG_FILE = "config.yaml"
@@ -50,9 +51,8 @@ def run_dir_for_workers(run_dir: Path) -> Iterator[None]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -13,7 +13,9 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from .checkpoint_io import AtomicCheckpointIO
 from .config.schema import ExperimentConfig
+from .divergence import NonFiniteGuard
 
 
 def native_bf16() -> bool:
@@ -35,8 +37,10 @@ def resolve_precision(precision: str) -> str:
 
 def make_trainer(config: ExperimentConfig, run_dir: Path, progress: bool = True) -> L.Trainer:
     t = config.trainer
+    # always checkpoints/last.ckpt, also in a moved or copied run (no last-v1.ckpt beside a stale last.ckpt)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
-                                 every_n_train_steps=t.checkpoint_every_n_steps)
+                                 every_n_train_steps=t.checkpoint_every_n_steps,
+                                 enable_version_counter=False)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
         num_nodes=t.num_nodes, precision=resolve_precision(t.precision), max_steps=t.max_steps,
@@ -46,6 +50,8 @@ def make_trainer(config: ExperimentConfig, run_dir: Path, progress: bool = True)
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches,
         num_sanity_val_steps=0, default_root_dir=run_dir,
         logger=CSVLogger(run_dir, name="logs"),  # logs/version_N: a resume never erases earlier logs
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"),
+                   NonFiniteGuard(t.max_nonfinite_steps)],  # a diverging run stops before a bad step
+        plugins=[AtomicCheckpointIO()],  # checkpoints: temp file + rename, last-prev.ckpt kept
         enable_progress_bar=progress, enable_model_summary=False,
     )

@@ -16,19 +16,30 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import CheckpointError
+from .utils.atomic import atomic_path
 
 
 def save_weights(module: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write module's state dict as safetensors, atomically."""
+    """Write module's state dict as safetensors, atomically; non-finite weights are refused."""
     path = Path(path)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=metadata or {})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; weights are meant to be shared
-    os.replace(tmp, path)
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise CheckpointError(f"{path}: not written: tensor '{bad}' holds non-finite values (NaN or inf)")
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata or {})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; weights are meant to be shared
     return path
+
+
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """Name of the first floating-point tensor holding a NaN or inf, else None."""
+    for name, value in tensors.items():
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return name
+    return None
 
 
 def load_weights(module: nn.Module, path: str | Path) -> nn.Module:

@@ -6,6 +6,7 @@ import argparse
 import resource
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -15,7 +16,9 @@ import lightning as L
 from ..build import build_datamodule, build_model, prepare_first_stage
 from ..config.schema import ExperimentConfig
 from ..data.datamodule import ImageDataModule
+from ..checkpoints import check_resume_fits, resume_checkpoint
 from ..errors import ConfigError
+from ..run_lock import run_lock
 from ..runs import (CONFIG_FILE, create_run_dir, export_weights, last_checkpoint, open_run,
                     run_dir_for_workers, write_json, write_text_atomic)
 from ..config.loader import config_to_yaml, load_config
@@ -50,21 +53,32 @@ def split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    with ExitStack() as lock:  # RUN_DIR/.lock, held until the run has finished or failed
+        return train(args, lock)
+
+
+def train(args: argparse.Namespace, lock: ExitStack) -> int:
     source, overrides = split_args(args.args)
     if args.resume:
         if source is not None:
             raise ConfigError(f"--resume takes its config from the run; drop '{source}'")
         run_dir, config = open_run(args.resume, overrides)
-        ckpt = last_checkpoint(run_dir)
-        write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(config))
+        lock.enter_context(run_lock(run_dir))
+        resume = resume_checkpoint(last_checkpoint(run_dir))  # refusals leave the run untouched
+        ckpt = resume.path
     else:
         config = load_config(source or "fashion-ddpm", overrides)
-        ckpt = None
+        ckpt = resume = None
     datamodule = build_datamodule(config)
     datamodule.setup("fit")  # data errors surface before a run directory is made
     config, model, finish = build_task(config, datamodule)
-    if ckpt is None:
+    if resume is None:
         run_dir, config = create_run_dir(config)
+        lock.enter_context(run_lock(run_dir))
+    else:
+        check_resume_fits(model, resume)
+        resume = None  # release the memory-mapped checkpoint
+        write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(config))
     model.sample_dir = run_dir / "samples"
     return fit(config, model, datamodule, run_dir, ckpt, progress=not args.no_progress,
                finish=finish)

@@ -43,6 +43,8 @@ GRID_COLUMNS = 8  # validation images shown in the reconstruction grid
 
 
 class AutoencoderModule(L.LightningModule):
+    loss_names = ("train/total_loss", "train/disc_loss")  # logged loss of each optimiser (divergence messages)
+
     def __init__(self, autoencoder: AutoencoderKL, loss_config: AutoencoderLossConfig, lr: float,
                  lpips: Optional[LPIPS] = None, sample_dir: Optional[Path] = None,
                  grad_clip: float = 0.0, optim: Optional[OptimConfig] = None):

@@ -7,7 +7,6 @@ files on disk are 8-bit PNG.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import DataError
+from .atomic import atomic_path
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -44,9 +44,8 @@ def save_png(array: np.ndarray, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     mode_array = array[..., 0] if array.shape[-1] == 1 else array
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(mode_array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(mode_array).save(tmp, format="PNG")
     return path
 
 
