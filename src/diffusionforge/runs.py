@@ -9,6 +9,7 @@ A run directory holds::
     first_stage.safetensors latent runs: a copy of the frozen autoencoder (config in its metadata)
     samples/                PNG grids written during validation and at the end
     logs/version_N/         metrics.csv of each fit (a resume adds a version)
+    loss.png                train and validation loss against step (plotting.py, `dforge plot`)
     train_summary.json      wall time, steps and peak memory of the last fit
 """
 

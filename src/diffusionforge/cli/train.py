@@ -18,6 +18,7 @@ from ..config.schema import ExperimentConfig
 from ..data.datamodule import ImageDataModule
 from ..checkpoints import check_resume_fits, resume_checkpoint
 from ..errors import ConfigError
+from ..plotting import plot_after_fit
 from ..run_lock import run_lock
 from ..runs import (CONFIG_FILE, create_run_dir, export_weights, last_checkpoint, open_run,
                     run_dir_for_workers, write_json, write_text_atomic)
@@ -69,6 +70,8 @@ def train(args: argparse.Namespace, lock: ExitStack) -> int:
     else:
         config = load_config(source or "fashion-ddpm", overrides)
         ckpt = resume = None
+    from ..training import check_logger
+    check_logger(config.trainer)  # e.g. trainer.logger=tensorboard without its package
     datamodule = build_datamodule(config)
     datamodule.setup("fit")  # data errors surface before a run directory is made
     config, model, finish = build_task(config, datamodule)
@@ -139,6 +142,7 @@ def fit(config, model, datamodule, run_dir, ckpt, progress: bool,
     if not trainer.is_global_zero:
         return 0
     grid = finish(model, datamodule, run_dir, config)
+    plot_after_fit(run_dir)  # loss.png from every logs/version_N/metrics.csv of the run
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {"wall_time_s": round(wall, 1), "global_step": trainer.global_step,
                "resumed_from_step": start_step.step, "peak_rss_mb": round(peak_mb, 1),

@@ -86,6 +86,7 @@ class TrainerConfig:
     val_every_n_steps: int = 1000          # validation loss + a sample grid every N steps
     checkpoint_every_n_steps: int = 250    # checkpoints/last.ckpt is refreshed every N steps
     limit_val_batches: int = 4             # validation batches per validation run
+    logger: Literal["csv", "tensorboard"] = "csv"  # csv: logs/version_N/metrics.csv; tensorboard: also TensorBoard event files beside it (pip install -e ".[tensorboard]")
     max_nonfinite_steps: int = 0           # optimizer steps with a non-finite loss or gradient skipped before the run stops (0 = stop at the first)
 
 
