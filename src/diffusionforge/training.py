@@ -16,25 +16,14 @@ from lightning.pytorch.loggers import CSVLogger
 
 from .checkpoint_io import AtomicCheckpointIO
 from .config.schema import ExperimentConfig, TrainerConfig
-from .errors import ConfigError
 from .divergence import NonFiniteGuard
-
-
-def native_bf16() -> bool:
-    """Whether this machine runs bf16 matmuls natively (CUDA, or a CPU with AVX512-BF16/AMX)."""
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+from .errors import ConfigError
+from .machine import choose_precision, describe_machine
 
 
 def resolve_precision(precision: str) -> str:
     """'auto' -> bf16-mixed where bf16 is native, else 32-true; anything else as given."""
-    if precision != "auto":
-        return precision
-    return "bf16-mixed" if native_bf16() else "32-true"
+    return choose_precision(precision, describe_machine())[0]
 
 
 TENSORBOARD_MISSING = ('trainer.logger=tensorboard needs the tensorboard package: '

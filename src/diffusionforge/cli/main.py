@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Optional, Sequence
 
 from ..errors import DForgeError
@@ -39,8 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    started = time.monotonic()  # trainer.time_budget counts from here
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.started = started
     try:
         return args.handler(args) or 0
     except DForgeError as err:

@@ -9,17 +9,19 @@ import time
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import lightning as L
 
+from ..budget import fit_time_limit
+from ..checkpoints import check_resume_fits, resume_checkpoint
 from ..build import build_datamodule, build_model, prepare_first_stage
 from ..config.schema import ExperimentConfig
 from ..data.datamodule import ImageDataModule
-from ..checkpoints import check_resume_fits, resume_checkpoint
 from ..errors import ConfigError
 from ..plotting import plot_after_fit
 from ..run_lock import run_lock
+from ..machine import choose_precision, describe_machine, machine_line
 from ..runs import (CONFIG_FILE, create_run_dir, export_weights, last_checkpoint, open_run,
                     run_dir_for_workers, write_json, write_text_atomic)
 from ..config.loader import config_to_yaml, load_config
@@ -72,9 +74,15 @@ def train(args: argparse.Namespace, lock: ExitStack) -> int:
         ckpt = resume = None
     from ..training import check_logger
     check_logger(config.trainer)  # e.g. trainer.logger=tensorboard without its package
+    machine = describe_machine(config.trainer.accelerator)
+    precision, why = choose_precision(config.trainer.precision, machine)
+    print(machine_line(machine, precision, why, config.trainer.time_budget or config.trainer.max_time),
+          file=sys.stderr)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")  # data errors surface before a run directory is made
     config, model, finish = build_task(config, datamodule)
+    started = getattr(args, "started", time.monotonic())
+    max_time, budget = fit_time_limit(config.trainer.time_budget, config.trainer.max_time, model, started)
     if resume is None:
         run_dir, config = create_run_dir(config)
         lock.enter_context(run_lock(run_dir))
@@ -83,8 +91,10 @@ def train(args: argparse.Namespace, lock: ExitStack) -> int:
         resume = None  # release the memory-mapped checkpoint
         write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(config))
     model.sample_dir = run_dir / "samples"
-    return fit(config, model, datamodule, run_dir, ckpt, progress=not args.no_progress,
-               finish=finish)
+    fit_config = replace(config, trainer=replace(config.trainer, max_time=max_time))
+    extra = {"machine": machine.as_dict(), "precision": precision, "precision_reason": why, **budget}
+    return fit(fit_config, model, datamodule, run_dir, ckpt, progress=not args.no_progress,
+               finish=finish, extra_summary=extra)
 
 
 def build_task(config: ExperimentConfig,
@@ -128,7 +138,7 @@ def trainer_config(config, model: L.LightningModule):
 
 
 def fit(config, model, datamodule, run_dir, ckpt, progress: bool,
-        finish: Finish = finish_diffusion_run) -> int:
+        finish: Finish = finish_diffusion_run, extra_summary: Optional[dict] = None) -> int:
     from ..training import make_trainer
 
     L.seed_everything(config.seed, workers=True, verbose=False)
@@ -146,7 +156,9 @@ def fit(config, model, datamodule, run_dir, ckpt, progress: bool,
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {"wall_time_s": round(wall, 1), "global_step": trainer.global_step,
                "resumed_from_step": start_step.step, "peak_rss_mb": round(peak_mb, 1),
-               "world_size": trainer.world_size}
+               "world_size": trainer.world_size,
+               "steps_per_s": round((trainer.global_step - start_step.step) / max(wall, 1e-9), 3),
+               **(extra_summary or {})}
     write_json(run_dir / "train_summary.json", summary)
     print(f"run dir: {run_dir}\nsamples: {grid}\n"
           f"steps {start_step.step} -> {trainer.global_step} in {wall:.0f} s, "

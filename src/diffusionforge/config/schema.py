@@ -24,6 +24,7 @@ from ..first_stage.autoencoder import AutoencoderConfig
 from ..losses.autoencoder_loss import AutoencoderLossConfig
 from ..processes.bridge import BridgeMatchingConfig
 from ..processes.gaussian import GaussianDiffusionConfig
+from .trainer_values import check_trainer_values
 
 
 @dataclass
@@ -61,21 +62,33 @@ class OptimConfig:
     lr: float = 2e-4                       # peak AdamW learning rate
     weight_decay: float = 0.0              # AdamW decoupled weight decay
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW (beta1, beta2)
-    warmup_steps: int = 200                # linear warm-up from 0 to lr over this many optimizer steps
-    lr_decay: Literal["none", "cosine"] = "none"  # after warm-up: constant, or cosine to min_lr_ratio*lr at trainer.max_steps
+    schedule: Literal["steps", "budget"] = "steps"  # the clock of warm-up and decay: optimizer steps (to trainer.max_steps), or the fraction of the budget used, max(step/max_steps, time/max_time)
+    warmup_steps: int = 200                # schedule=steps: linear warm-up from 0 to lr over this many optimizer steps
+    warmup_fraction: float = 0.05          # schedule=budget: linear warm-up over this fraction of the budget
+    lr_decay: Literal["none", "cosine"] = "none"  # after warm-up: constant, or cosine to min_lr_ratio*lr at the end of the run
     min_lr_ratio: float = 0.0              # floor of the cosine decay as a fraction of lr
     grad_clip: float = 1.0                 # clip the gradient norm to this (0 = off)
-    ema_decay: float = 0.999               # EMA of the weights used for sampling (0 = EMA is a copy)
+    ema_decay: float = 0.999               # EMA of the weights used for sampling (0 = EMA is a copy); the cap when ema_power > 0
+    ema_power: float = 0.0                 # EMA warm-up: decay_k = min(ema_decay, 1 - (1 + k/ema_inv_gamma)^-ema_power) (k-diffusion); 0 = constant ema_decay
+    ema_inv_gamma: float = 1.0             # EMA warm-up time scale in updates (see ema_power)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"optim.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if not 0.0 <= self.ema_decay <= 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1], got {self.ema_decay}")
+        if self.ema_power < 0 or self.ema_inv_gamma <= 0:
+            raise ValueError(f"optim.ema_power must be >= 0 and optim.ema_inv_gamma > 0, "
+                             f"got {self.ema_power} and {self.ema_inv_gamma}")
 
 
 @dataclass
 class TrainerConfig:
     max_steps: int = 3000                  # optimizer steps to train for
-    max_time: Optional[str] = None         # optional wall-clock limit "DD:HH:MM:SS"
+    max_time: Optional[str] = None         # optional wall-clock limit of the fit "DD:HH:MM:SS"
+    time_budget: Optional[str] = None      # optional wall-clock limit of the whole `dforge train` command "DD:HH:MM:SS": the fit gets what start-up and the final grid leave
     accelerator: str = "auto"              # cpu | gpu | auto (Lightning)
     devices: str = "1"                     # number of devices, a list "0,1", or "auto"
     strategy: str = "auto"                 # auto | ddp | fsdp | ... (Lightning)
@@ -88,6 +101,9 @@ class TrainerConfig:
     limit_val_batches: int = 4             # validation batches per validation run
     logger: Literal["csv", "tensorboard"] = "csv"  # csv: logs/version_N/metrics.csv; tensorboard: also TensorBoard event files beside it (pip install -e ".[tensorboard]")
     max_nonfinite_steps: int = 0           # optimizer steps with a non-finite loss or gradient skipped before the run stops (0 = stop at the first)
+
+    def __post_init__(self) -> None:
+        check_trainer_values(self)  # what Lightning's Trainer would reject, as a one-line config error
 
 
 @dataclass
@@ -157,7 +173,10 @@ class ExperimentConfig:
     def __post_init__(self) -> None:
         # the schedule counts training batches: autoencoder runs make 2 optimiser steps per batch
         batches = self.trainer.max_steps // (2 if self.task == "autoencoder" else 1)
-        if self.optim.lr_decay != "none" and batches <= self.optim.warmup_steps:
+        if self.optim.schedule == "budget" and self.trainer.max_time is None and self.trainer.time_budget is None:
+            raise ValueError("optim.schedule=budget follows trainer.max_time or trainer.time_budget; set one "
+                             "(or use optim.schedule=steps)")
+        if self.optim.schedule == "steps" and self.optim.lr_decay != "none" and batches <= self.optim.warmup_steps:
             raise ValueError(f"optim.lr_decay={self.optim.lr_decay} decays over trainer.max_steps "
                              f"({batches} training batches), which must exceed optim.warmup_steps "
                              f"({self.optim.warmup_steps})")

@@ -31,7 +31,7 @@ from ..config.schema import OptimConfig
 from ..first_stage.autoencoder import AutoencoderKL
 from ..losses.autoencoder_loss import AutoencoderLossConfig, LPIPSWithDiscriminator
 from ..losses.lpips import LPIPS
-from ..optim import lr_scheduler
+from ..optim import lr_scheduler, trainer_progress
 from ..utils.images import save_grid
 
 __all__ = ["AutoencoderModule"]
@@ -107,7 +107,9 @@ class AutoencoderModule(L.LightningModule):
         if self.optim_config is None:
             return [opt_g, opt_d]
         batches = self.trainer.max_steps // STEPS_PER_BATCH  # the schedules count training batches
-        return [opt_g, opt_d], [lr_scheduler(opt, self.optim_config, batches) for opt in (opt_g, opt_d)]
+        progress = trainer_progress(self.trainer)
+        return [opt_g, opt_d], [lr_scheduler(opt, self.optim_config, batches, progress)
+                                for opt in (opt_g, opt_d)]
 
     # --------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -144,6 +144,10 @@ class BridgeModel(GenerativeModel):
         rows.append(target)
         return torch.cat(rows), len(target)
 
+    def estimate_grid_seconds(self) -> None:
+        """Not estimated before fit (its grid translates validation pairs that only the fit's datamodule holds); the budget reserves a share instead."""
+        return None
+
     def grid_batch(self) -> dict:
         """The first GRID_PAIRS validation pairs of the datamodule being fitted (fixed by its seed)."""
         pairs = self.trainer.datamodule.val_set

@@ -15,21 +15,23 @@ the loop in the sampler, the networks in the backbone and conditioners.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from ..conditioning import Cond, ConditionerWrapper
 from ..conditioning.labels import LabelConditioning
 from ..config.schema import OptimConfig, SampleConfig
-from ..optim import lr_scheduler
+from ..optim import ema_initial_share, ema_multi_avg_fn, lr_scheduler, trainer_progress
 from ..processes.gaussian import GaussianDiffusion
 from ..samplers import SAMPLERS, SamplePrecision, autocast_denoise, classifier_free_guidance
 from ..utils.images import save_grid
@@ -66,9 +68,8 @@ class GenerativeModel(L.LightningModule):
         self.labels = labels  # how class labels become conditioning (None: unconditional)
         self.sample_dir = sample_dir
         self.start_step = 0  # global step at which the latest fit started (or resumed)
-        decay = optim.ema_decay
-        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(decay),
-                                 use_buffers=True)
+        self.grid_seconds: Optional[float] = None  # measured cost of a sample grid (estimate_grid_seconds)
+        self.ema = AveragedModel(self.net, multi_avg_fn=ema_multi_avg_fn(optim), use_buffers=True)
         self.ema.requires_grad_(False)
 
     @property
@@ -82,11 +83,15 @@ class GenerativeModel(L.LightningModule):
     # ----------------------------------------------------------------- training
     def on_train_start(self) -> None:
         self.start_step = self.global_step
+        cfg = self.optim_config
+        if cfg.schedule == "budget" or cfg.ema_power > 0:
+            return  # a budget has no known step count; a warmed-up EMA forgets its start by design
         remaining = self.trainer.max_steps - self.global_step
-        left = self.optim_config.ema_decay ** remaining if remaining > 0 else 0.0
+        left = ema_initial_share(cfg, remaining) if remaining > 0 else 0.0
         if left > 0.05:  # the EMA starts at the initial weights and never fully forgets them
-            rank_zero_warn(f"optim.ema_decay={self.optim_config.ema_decay}: after {remaining} steps the EMA "
-                           f"weights still hold {left:.0%} of the initial (random) weights; lower it")
+            rank_zero_warn(f"optim.ema_decay={cfg.ema_decay}: after {remaining} steps the EMA "
+                           f"weights still hold {left:.0%} of the initial (random) weights; lower it "
+                           f"or warm it up (optim.ema_power)")
 
     def diffusion_loss(self, batch: dict) -> Tensor:
         with torch.no_grad():
@@ -114,15 +119,23 @@ class GenerativeModel(L.LightningModule):
         self.log("val/loss", self.diffusion_loss(batch).loss, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
-        if self.sample_dir is not None and self.trainer.is_global_zero:
+        if self.sample_dir is not None and self.trainer.is_global_zero and self.grid_fits_in_time():
             self.write_sample_grid(self.sample_dir / f"step_{self.global_step:07d}.png")
+
+    def grid_fits_in_time(self) -> bool:
+        """False when a time-limited fit has less time left than a grid takes (it would overrun)."""
+        if self.grid_seconds is None:
+            return True
+        left = [c.time_remaining() for c in self.trainer.callbacks if isinstance(c, Timer)]
+        return all(r is None or r > self.grid_seconds for r in left)
 
     def configure_optimizers(self):
         cfg = self.optim_config
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                       weight_decay=cfg.weight_decay)
         total = self.trainer.max_steps if self._trainer is not None else -1
-        schedule = lr_scheduler(optimizer, cfg, total)
+        progress = trainer_progress(self.trainer) if self._trainer is not None else None
+        schedule = lr_scheduler(optimizer, cfg, total, progress)
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
@@ -220,6 +233,23 @@ class GenerativeModel(L.LightningModule):
         return SampleRequest(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, spacing=cfg.spacing,
                              guidance=cfg.guidance, guidance_channels=cfg.guidance_channels,
                              clip_denoised=cfg.clip_denoised)
+
+    @torch.no_grad()
+    def estimate_grid_seconds(self) -> Optional[float]:
+        """Seconds ``write_sample_grid`` will take on this machine (for ``trainer.time_budget``).
+
+        One sampler step of the grid batch is timed after a warm-up call (which
+        pays for allocations and kernel selection) and multiplied by the grid's
+        steps; decoding is counted once per step, so latent runs over-estimate.
+        """
+        batch, num, _ = self.grid_batch(self.sample_config.per_class)
+        request = self.grid_request()
+        one_step = replace(request, steps=1)
+        self.sample(batch, num, one_step)
+        start = time.perf_counter()
+        self.sample(batch, num, one_step)
+        self.grid_seconds = (time.perf_counter() - start) * request.steps
+        return self.grid_seconds
 
     def write_sample_grid(self, path: Path, seed: int = 0) -> Path:
         batch, num, nrow = self.grid_batch(self.sample_config.per_class)

@@ -106,6 +106,10 @@ class StoryModel(GenerativeModel):
         probe = torch.zeros((1, *self.latent_shape), device=self.device)
         return tuple(self.first_stage.decode(probe).shape[1:])
 
+    def estimate_grid_seconds(self) -> None:
+        """Not estimated before fit (its grid generates validation stories that only the fit's datamodule holds); the budget reserves a share instead."""
+        return None
+
     def grid_batch(self) -> dict:
         """The first GRID_STORIES validation stories of the datamodule being fitted."""
         from ..data.stories import collate_stories

@@ -33,12 +33,13 @@ from torch import Tensor, nn
 
 from diffusionforge.errors import ConfigError
 from diffusionforge.processes.schedules import BetaScheduleName, make_beta_schedule, schedule_tables, vlb_weights
+from diffusionforge.processes.loss_weighting import lognormal_timesteps, min_snr_weight, snr
 from diffusionforge.processes.vlb import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 PredictionType = Literal["eps", "x0", "v"]
 VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
 LossType = Literal["l2", "l1"]
-TimestepSampling = Literal["uniform"]
+TimestepSampling = Literal["uniform", "lognormal"]
 
 
 @dataclass
@@ -56,7 +57,10 @@ class GaussianDiffusionConfig:
     v_posterior: float = 0.0  # LDM: sigma^2 = (1-v) * beta_tilde + v * beta
     l_simple_weight: float = 1.0  # weight of mean L_simple
     original_elbo_weight: float = 0.0  # weight of L_vlb = lvlb_weights[t] * L_simple (LDM)
-    timestep_sampling: TimestepSampling = "uniform"  # how training draws t
+    timestep_sampling: TimestepSampling = "uniform"  # how training draws t: uniform, or EDM's log-normal sigma mapped to the nearest step
+    lognormal_mean: float = -1.2  # timestep_sampling=lognormal: P_mean of ln(sigma) (Karras et al. 2022)
+    lognormal_std: float = 1.2  # timestep_sampling=lognormal: P_std of ln(sigma)
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023), in its form for the prediction type; 0 = off
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -89,6 +93,8 @@ def _validate_config(c: GaussianDiffusionConfig) -> None:
     _check_choice("loss_type", c.loss_type, LossType)
     _check_choice("timestep_sampling", c.timestep_sampling, TimestepSampling)
     _check(0.0 <= c.v_posterior <= 1.0, "v_posterior", "in [0, 1]", c.v_posterior)
+    _check(c.snr_gamma >= 0.0, "snr_gamma", ">= 0 (0 = off)", c.snr_gamma)
+    _check(c.lognormal_std > 0.0, "lognormal_std", "> 0", c.lognormal_std)
     _check(c.l_simple_weight >= 0.0, "l_simple_weight", ">= 0", c.l_simple_weight)
     _check(c.original_elbo_weight >= 0.0, "original_elbo_weight", ">= 0", c.original_elbo_weight)
     if c.variance_type == "learned_range":
@@ -280,7 +286,10 @@ class GaussianDiffusion(nn.Module):
     def sample_timesteps(
         self, batch_size: int, device: torch.device, generator: Optional[torch.Generator] = None
     ) -> Tensor:
-        """``t: (B,)`` LongTensor drawn uniformly from ``0 .. T-1``."""
+        """``t: (B,)`` LongTensor in ``0 .. T-1``: uniform, or log-normal in sigma (``loss_weighting``)."""
+        if self.config.timestep_sampling == "lognormal":
+            return lognormal_timesteps(self.alphas_cumprod, batch_size, self.config.lognormal_mean,
+                                       self.config.lognormal_std, generator).to(device)
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
 
     def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -306,13 +315,20 @@ class GaussianDiffusion(nn.Module):
         prediction, var_values = self.split_model_output(model_output, x_t)
         error = prediction - self.training_target(x0, noise, t)
         loss_simple = mean_flat(error.abs() if self.config.loss_type == "l1" else error**2)  # (B,)
-        simple = self.config.l_simple_weight * loss_simple.mean()
+        simple = self.config.l_simple_weight * (self.loss_weights(t) * loss_simple).mean()
         if var_values is None:
             loss_vlb = self.lvlb_weights[t].to(loss_simple.dtype) * loss_simple  # (B,)
             return LossOutput(simple + self.config.original_elbo_weight * loss_vlb.mean(), loss_simple, loss_vlb)
         frozen = torch.cat([prediction.detach(), var_values], dim=1)  # stop-gradient on the mean
         loss_vlb = self.vb_bits_per_dim(frozen, x0, x_t, t)
         return LossOutput(simple + loss_vlb.mean(), loss_simple, loss_vlb)
+
+    def loss_weights(self, t: Tensor) -> Tensor:
+        """Per-sample weights ``(B,)`` of L_simple: min-SNR-gamma when ``snr_gamma > 0``, else ones."""
+        if self.config.snr_gamma <= 0:
+            return torch.ones(t.shape, device=t.device)
+        weights = min_snr_weight(snr(self.alphas_cumprod, t), self.config.snr_gamma, self.config.prediction_type)
+        return weights.float()
 
     def vb_bits_per_dim(self, model_output: Tensor, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """VLB term ``L_t`` in bits/dim, ``(B,)`` (Ho et al. 2020, Eq. 5).
