@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -17,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 from diffusionforge.checkpoint_io import AtomicCheckpointIO
-from diffusionforge.checkpoints import previous_name
+from diffusionforge.checkpoints import previous_name, resume_checkpoint
 from diffusionforge.cli.main import main
 from diffusionforge.errors import CheckpointError, TrainingError
 from diffusionforge.models.generative import GenerativeModel
@@ -232,3 +233,24 @@ def test_corrupt_checkpoint_without_a_previous_one_is_refused(run_copy, capsys):
     assert f"{last}: checkpoint is truncated or corrupt" in line
     assert "no previous checkpoint (last-prev.ckpt)" in line
     assert snapshot(run_copy) == before
+
+
+class Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("dump", [torch.save, pickle.dump], ids=["torch.save", "pickle.dump"])
+def test_payload_checkpoint_is_refused_and_never_executed(tmp_path, dump):
+    last, marker = tmp_path / "last.ckpt", tmp_path / "executed"
+    with open(last, "wb") as f:
+        dump({"state_dict": {}, "payload": Payload(marker)}, f)
+    torch.save({"state_dict": {}, "global_step": 1}, previous_name(last))  # no fallback from a payload
+    with pytest.raises(CheckpointError, match="holds objects that are not plain tensors and will not be loaded"):
+        resume_checkpoint(last)
+    assert not marker.exists()

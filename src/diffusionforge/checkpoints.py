@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
 import shutil
 import sys
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,7 +30,8 @@ from .utils.atomic import temporary_name
 from .weights import check_state_fits
 
 PREVIOUS_SUFFIX = "-prev"  # last.ckpt -> last-prev.ckpt
-WEIGHTS_ONLY_FAILURE = "Weights only load failed"  # how torch.load(weights_only=True) refuses a global
+WEIGHTS_ONLY_FAILURE = "Weights only load failed"  # how torch.load(weights_only=True) refuses a file
+IMPORT_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX", "BUILD"}
 
 
 def previous_name(path: Path) -> Path:
@@ -69,17 +72,34 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """torch.load(weights_only=True) without copying tensors; Unreadable or CheckpointError."""
     try:
         mmap = zipfile.is_zipfile(path)  # torch.save's format; memory-map its tensors
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        with warnings.catch_warnings():  # e.g. torch's note on the pickle protocol of a foreign file
+            warnings.simplefilter("ignore")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if WEIGHTS_ONLY_FAILURE in str(err):
+        if WEIGHTS_ONLY_FAILURE in str(err) and ("GLOBAL" in str(err) or imports_objects(path)):
             raise CheckpointError(f"{path}: the checkpoint holds objects that are not plain tensors "
                                   "and will not be loaded (nothing in it was executed)") from None
-        raise Unreadable(_first_line(err)) from None
-    except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise Unreadable("not a PyTorch checkpoint" if WEIGHTS_ONLY_FAILURE in str(err)
+                         else _first_line(err)) from None
+    except Exception as err:  # OSError, the zip reader's RuntimeError, EOFError, ...: any bad bytes
         raise Unreadable(_first_line(err)) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a Lightning checkpoint of a dforge run (no state_dict)")
     return checkpoint
+
+
+def imports_objects(path: Path) -> bool:
+    """Whether path is a complete pickle stream that imports or builds objects.
+
+    ``pickletools.genops`` only decodes opcodes, it never executes them. Tells
+    a pickle carrying a payload (protocol 4 and 5 ones, which the weights-only
+    loader rejects by their framing before it sees the import) from garbage.
+    """
+    try:
+        with open(path, "rb") as f:
+            return any(op.name in IMPORT_OPCODES for op, _, _ in pickletools.genops(f))
+    except Exception:  # not a pickle stream: truncated or garbage
+        return False
 
 
 def resume_checkpoint(last: Path) -> ResumePoint:
@@ -109,6 +129,8 @@ def check_resume_fits(model, point: ResumePoint) -> None:
 
 def _first_line(err: BaseException) -> str:
     """The first sentence of an exception's message (torch's zip errors run on for lines)."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    text = text.split(". ")[0].rstrip(".")
-    return text or f"{type(err).__name__}: unexpected end of file"
+    text = str(err).strip()
+    text = text.splitlines()[0].split(". ")[0].rstrip(".") if text else ""
+    if isinstance(err, EOFError) or not text:
+        return "unexpected end of file"
+    return text if isinstance(err, (OSError, RuntimeError)) else f"{type(err).__name__} {text}"

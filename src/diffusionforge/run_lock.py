@@ -54,6 +54,9 @@ def acquire(path: Path) -> None:
         except FileExistsError:
             take_over_if_stale(path)
             continue
+        except OSError as err:  # a read-only run directory, say
+            raise CheckpointError(f"{path.parent}: cannot create the lock file {path.name} "
+                                  f"({err.strerror or err})") from None
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(record) + "\n")
         return
