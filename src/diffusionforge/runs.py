@@ -4,6 +4,8 @@ A run directory holds::
 
     config.yaml             the resolved config (the only input `sample` needs)
     checkpoints/last.ckpt   Lightning checkpoint for --resume
+    checkpoints/last-prev.ckpt  the checkpoint before it (a fallback; checkpoint_io.py)
+    .lock                   while `dforge train` runs: its pid and host (run_lock.py)
     model.safetensors       EMA weights for sampling
     model_raw.safetensors   the trained (non-EMA) weights
     first_stage.safetensors latent runs: a copy of the frozen autoencoder (config in its metadata)
