@@ -68,4 +68,5 @@ def check_trainer_values(config: Any) -> None:
     if config.max_steps < -1:
         raise ValueError(f"trainer.max_steps: must be >= 0 (or -1 for no limit), got {config.max_steps}")
     _at_least(config, 1, "num_nodes", "accumulate_grad_batches", "val_every_n_steps")
-    _at_least(config, 0, "log_every_n_steps", "checkpoint_every_n_steps", "limit_val_batches")
+    _at_least(config, 0, "log_every_n_steps", "checkpoint_every_n_steps", "limit_val_batches",
+              "max_nonfinite_steps")
