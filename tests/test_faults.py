@@ -154,12 +154,18 @@ def test_stale_lock_of_a_dead_process_is_taken_over(run_copy, capsys):
     assert not (run_copy / LOCK_FILE).exists()
 
 
-def test_ddp_workers_neither_take_nor_check_the_lock(tmp_path, monkeypatch):
-    write_lock(tmp_path, os.getpid())
-    monkeypatch.setenv(RUN_DIR_ENV, str(tmp_path))
-    with run_lock(tmp_path):
-        pass
-    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+@pytest.mark.parametrize("variable, value", [(RUN_DIR_ENV, "RUN"), ("RANK", "1"), ("SLURM_PROCID", "3")])
+def test_ddp_workers_neither_take_nor_check_the_lock(tmp_path, monkeypatch, variable, value):
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        write_lock(tmp_path, holder.pid)
+        monkeypatch.setenv(variable, value)
+        with run_lock(tmp_path):
+            pass
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # -------------------------------------------------------------- atomic writes

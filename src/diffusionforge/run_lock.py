@@ -11,7 +11,8 @@ A second trainer is refused with the holder's pid and host. A lock whose
 pid no longer runs on this host (the holder was killed) is stale: it is taken
 over with a notice. A lock from another host cannot be checked and is
 refused. DDP worker processes (``$DFORGE_RUN_DIR`` set by the launching
-process, which holds the lock) neither take nor check it.
+process, which holds the lock) and the processes of rank > 0 that an external
+launcher (torchrun, SLURM) starts neither take nor check it.
 """
 
 from __future__ import annotations
@@ -29,12 +30,13 @@ from .errors import CheckpointError
 from .runs import RUN_DIR_ENV
 
 LOCK_FILE = ".lock"
+RANK_VARIABLES = ("RANK", "SLURM_PROCID")  # set by torchrun / srun for every process of a multi-node run
 
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir/.lock`` for the duration of the block (no-op in DDP workers)."""
-    if os.environ.get(RUN_DIR_ENV):
+    if os.environ.get(RUN_DIR_ENV) or launched_rank() > 0:
         yield
         return
     path = Path(run_dir) / LOCK_FILE
@@ -43,6 +45,15 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         release(path)
+
+
+def launched_rank() -> int:
+    """Global rank given by an external launcher (torchrun, SLURM); 0 when there is none."""
+    for var in RANK_VARIABLES:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def acquire(path: Path) -> None:
