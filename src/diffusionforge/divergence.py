@@ -68,7 +68,7 @@ class NonFiniteGuard(L.Callback):
         ok = grads_ok.cpu() & (loss_ok.cpu() if loss_ok is not None else True)
         bad = trainer.strategy.reduce_boolean_decision(not bool(ok), all=False)  # any rank
         if bad:
-            self._skip(trainer, optimizer, scaler is not None)
+            self._skip(optimizer, scaled=scaler is not None)
             if self.skipped > self.max_skipped:
                 what = self._describe(trainer, pl_module, optimizer, loss_ok, loss, norm)
                 raise TrainingError(self._message(trainer, what))
@@ -76,7 +76,7 @@ class NonFiniteGuard(L.Callback):
             pl_module.log("train/nonfinite_skipped", float(self.skipped))
 
     # ------------------------------------------------------------------ helpers
-    def _skip(self, trainer, optimizer, scaled: bool) -> None:
+    def _skip(self, optimizer, scaled: bool) -> None:
         """Drop this step's gradients (the GradScaler skips fp16 steps by itself)."""
         self.skipped += 1
         if not scaled:
