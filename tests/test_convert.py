@@ -1,8 +1,9 @@
 """`dforge convert`: diffusers <-> ours <-> CompVis for the VAE and the UNet, checked against diffusers itself.
 
 Tiny randomised diffusers models go through the CLI and must give the same
-outputs (1e-5) as before; bad input is one error line, exit status 2, and
-never leaves a DST (or a temporary folder) behind.
+outputs as before (compared in float64, see tests/tolerances.py); bad input
+is one error line, exit status 2, and never leaves a DST (or a temporary
+folder) behind.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from diffusionforge.cli import convert
 from diffusionforge.cli.main import main
 from diffusionforge.first_stage.autoencoder import AutoencoderConfig, AutoencoderKL
 from diffusionforge.interop.ours import load_ours, save_ours
+
+from tolerances import assert_close_scaled, float64_group_norm, reduction_depth
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -65,19 +68,22 @@ def _from_pretrained(kind: str, path) -> torch.nn.Module:
 
 
 def _assert_same_outputs(kind: str, ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """Equal outputs in float64 (both models are converted in place): a ~1e-12 tolerance proves the mapping."""
     gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
+    ours, theirs = ours.double(), theirs.double()
+    with torch.no_grad(), float64_group_norm():
         if kind == "vae":
-            x = torch.rand(2, 3, 16, 16, generator=gen) * 2 - 1  # (B, C, H, W)
-            z = torch.randn(2, 4, 8, 8, generator=gen)  # (B, embed_dim, H / f, W / f)
-            torch.testing.assert_close(ours.encode(x).mean, theirs.encode(x).latent_dist.mean, atol=1e-5, rtol=0)
-            torch.testing.assert_close(ours.decode(z), theirs.decode(z).sample, atol=1e-5, rtol=0)
+            x = torch.rand(2, 3, 16, 16, generator=gen, dtype=torch.float64) * 2 - 1  # (B, C, H, W)
+            z = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64)  # (B, embed_dim, H / f, W / f)
+            assert_close_scaled(ours.encode(x).mean, theirs.encode(x).latent_dist.mean,
+                                depth=reduction_depth(ours.encoder))
+            assert_close_scaled(ours.decode(z), theirs.decode(z).sample, depth=reduction_depth(ours.decoder))
         else:
-            x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([3, 700])
-            context = torch.randn(2, 5, 8, generator=gen)  # (B, L, D)
+            x, t = torch.randn(2, 4, 8, 8, generator=gen, dtype=torch.float64), torch.tensor([3, 700])
+            context = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)  # (B, L, D)
             expected = theirs(x, t, encoder_hidden_states=context).sample
             assert expected.abs().mean() > 1e-3
-            torch.testing.assert_close(ours(x, t, {"crossattn": context}), expected, atol=1e-5, rtol=0)
+            assert_close_scaled(ours(x, t, {"crossattn": context}), expected, depth=reduction_depth(ours))
 
 
 def _count(model: torch.nn.Module) -> str:

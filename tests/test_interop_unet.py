@@ -29,6 +29,8 @@ from diffusionforge.interop.unet import (
     unet_state_dict_to_diffusers,
 )
 
+from tolerances import assert_close_scaled, float64_group_norm, reduction_depth
+
 diffusers = pytest.importorskip("diffusers")
 
 TINY_DIFFUSERS = dict(
@@ -92,6 +94,18 @@ def _ours(**overrides) -> UNet:
     return _randomise(UNet(UNetConfig(**{**TINY_OURS, **overrides})))
 
 
+def _outputs_in_float64(ours: UNet, ref: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ours, diffusers') outputs on ``_inputs()`` with both models converted to float64 in place.
+
+    float64 keeps the comparison exact to ~1e-12 on every CPU (tests/tolerances.py), so a
+    swapped or misplaced weight cannot hide under a tolerance.
+    """
+    x, t, context = (v.double() if v.is_floating_point() else v for v in _inputs())
+    ours, ref = ours.double(), ref.double()
+    with torch.no_grad(), float64_group_norm():
+        return ours(x, t, {"crossattn": context}), ref(x, t, encoder_hidden_states=context).sample
+
+
 # ------------------------------------------------------------------ diffusers -> ours
 @pytest.mark.parametrize("use_linear", [False, True])
 def test_diffusers_folder_loads_and_matches(tmp_path, use_linear):
@@ -99,12 +113,9 @@ def test_diffusers_folder_loads_and_matches(tmp_path, use_linear):
     ref.save_pretrained(tmp_path)
     ours = load_diffusers_unet(tmp_path)
     assert ours.config == UNetConfig(**TINY_OURS, use_linear_in_transformer=use_linear)
-    x, t, context = _inputs()
-    with torch.no_grad():
-        expected = ref(x, t, encoder_hidden_states=context).sample
-        actual = ours(x, t, {"crossattn": context})
+    actual, expected = _outputs_in_float64(ours, ref)
     assert expected.abs().mean() > 1e-3
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert_close_scaled(actual, expected, depth=reduction_depth(ours))
 
 
 # ------------------------------------------------------------------ ours -> diffusers
@@ -114,11 +125,8 @@ def test_exported_folder_loads_in_diffusers_and_matches(tmp_path, overrides):
     save_diffusers_unet(ours, tmp_path, sample_size=16)
     ref = diffusers.UNet2DConditionModel.from_pretrained(tmp_path).eval()
     assert ref.config.sample_size == 16
-    x, t, context = _inputs()
-    with torch.no_grad():
-        expected = ref(x, t, encoder_hidden_states=context).sample
-        actual = ours(x, t, {"crossattn": context})
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    actual, expected = _outputs_in_float64(ours, ref)
+    assert_close_scaled(actual, expected, depth=reduction_depth(ours))
     assert load_diffusers_unet(tmp_path).config == ours.config
 
 

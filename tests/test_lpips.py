@@ -1,5 +1,6 @@
 """LPIPS: strict loading from local torchvision / lpips key layouts, Eq. 1, never a download."""
 
+import copy
 import socket
 
 import pytest
@@ -8,6 +9,8 @@ import torch.nn.functional as F
 
 from diffusionforge.errors import CheckpointError
 from diffusionforge.losses import lpips as lp
+
+from tolerances import assert_close_scaled, reduction_depth
 
 VGG_CONVS = [(0, 3, 64), (2, 64, 64), (5, 64, 128), (7, 128, 128), (10, 128, 256), (12, 256, 256),
              (14, 256, 256), (17, 256, 512), (19, 512, 512), (21, 512, 512), (24, 512, 512),
@@ -57,11 +60,12 @@ def model(weight_files):
 
 
 def reference_lpips(x, x0, vgg: dict, lin: dict) -> torch.Tensor:
-    """Eq. 1 of Zhang et al. 2018 written out with functional ops on the raw state dicts."""
-    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
-    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    """Eq. 1 of Zhang et al. 2018 written out with functional ops on the raw state dicts (in x's dtype)."""
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1).to(x.dtype)  # float32 constants, as stored
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1).to(x.dtype)
+    vgg, lin = ({k: v.to(x.dtype) for k, v in weights.items()} for weights in (vgg, lin))
     hs = [(x - shift) / scale, (x0 - shift) / scale]
-    total = torch.zeros(x.shape[0])
+    total = torch.zeros(x.shape[0], dtype=x.dtype)
     tap = 0
     for i, _, _ in VGG_CONVS:
         if i in (5, 10, 17, 24):  # a max-pool precedes these convs
@@ -88,9 +92,11 @@ def test_loads_strictly_into_frozen_eval_model(model):
 
 
 def test_matches_equation_1_written_out(model):
-    x, x0 = images(0), images(1)
+    """In float64, so that a ~1e-13 tolerance holds on every CPU (tests/tolerances.py)."""
+    x, x0 = images(0).double(), images(1).double()
     expected = reference_lpips(x, x0, torchvision_vgg16_state(), lin_state())
-    torch.testing.assert_close(model(x, x0), expected, rtol=1e-4, atol=1e-6)
+    ours = copy.deepcopy(model).double()
+    assert_close_scaled(ours(x, x0), expected, depth=reduction_depth(ours))
 
 
 def test_zero_on_identical_symmetric_positive_otherwise(model):
