@@ -114,18 +114,25 @@ def export_weights(model, run_dir: Path) -> Path:
 
 def load_first_stage_copy(run_dir: Path):
     """The AutoencoderKL saved in a latent run (``first_stage.safetensors``)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     from .first_stage.autoencoder import AutoencoderConfig, AutoencoderKL
 
     path = run_dir / FIRST_STAGE_WEIGHTS
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: latent run without {FIRST_STAGE_WEIGHTS}")
-    with safe_open(str(path), framework="pt") as f:
-        fields = json.loads((f.metadata() or {}).get("autoencoder_config", "null") or "null")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            fields = json.loads((f.metadata() or {}).get("autoencoder_config", "null") or "null")
+    except (SafetensorError, OSError, ValueError) as err:  # truncated / foreign file, bad JSON metadata
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
     if not isinstance(fields, dict):
         raise CheckpointError(f"{path}: no autoencoder_config in the file's metadata")
-    return load_weights(AutoencoderKL(AutoencoderConfig(**fields)), path).eval()
+    try:
+        config = AutoencoderConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: the autoencoder_config in the file's metadata does not fit: {err}") from None
+    return load_weights(AutoencoderKL(config), path).eval()
 
 
 def load_run_model(run_dir: str | Path, use_ema: bool = True):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from functools import partial
@@ -34,6 +35,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from ..checkpoints import WEIGHTS_ONLY_FAILURE, imports_objects
 from ..errors import CheckpointError, ConfigError, DForgeError
 from ..interop.dit import (OFFICIAL_DIT_KEY, dit_config_from_diffusers, dit_config_to_diffusers, load_diffusers_dit,
                            load_official_dit, save_diffusers_dit)
@@ -44,6 +46,7 @@ from ..interop.unet import (COMPVIS_UNET_PREFIX, load_compvis_unet, load_diffuse
 from ..interop.vae import (COMPVIS_PREFIX, load_compvis_vae, load_diffusers_vae, save_diffusers_vae,
                            sd_v1_vae_config, vae_config_from_diffusers, vae_config_to_diffusers)
 from ..runs import CONFIG_FILE as RUN_CONFIG_FILE
+from ..utils.outputs import check_output_parent
 
 EXAMPLE = """examples:
   dforge convert stable-diffusion-v1-5 --kind vae --to ours --out sd15-vae     # diffusers pipeline folder
@@ -117,7 +120,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    src, dst = Path(args.src), Path(args.out)
+    src, dst = Path(args.src), check_output_parent(args.out)
     check_destination(src, dst, args.overwrite)
     loaded = load_network(src, args.kind, None if args.config is None else Path(args.config))
     if args.to == "diffusers":  # refuse what diffusers cannot express before writing anything
@@ -254,10 +257,7 @@ def _read_state_dict(src: Path) -> dict[str, Tensor]:
     if suffix == SAFETENSORS_SUFFIX:
         data: Any = read_safetensors(src)
     elif suffix in CHECKPOINT_SUFFIXES:
-        try:
-            data = torch.load(src, map_location="cpu", weights_only=True)
-        except Exception as err:  # a foreign file: unpickling refusals, zip and I/O errors alike
-            raise CheckpointError(f"{src}: cannot read with torch.load(weights_only=True): {first_line(err)}") from None
+        data = _torch_load(src)
     else:
         known = ", ".join((*CHECKPOINT_SUFFIXES, SAFETENSORS_SUFFIX))
         raise CheckpointError(f"{src}: unknown layout: expected a folder or a {known} file")
@@ -268,6 +268,21 @@ def _read_state_dict(src: Path) -> dict[str, Tensor]:
     if not isinstance(data, Mapping):
         raise CheckpointError(f"{src}: expected a state dict, got {type(data).__name__}")
     return {key: value for key, value in data.items() if isinstance(value, Tensor)}
+
+
+def _torch_load(src: Path) -> Any:
+    """torch.load(weights_only=True) of a foreign file; a payload, garbage or a truncated file is one line."""
+    try:
+        return torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if WEIGHTS_ONLY_FAILURE in str(err) and ("GLOBAL" in str(err) or imports_objects(src)):
+            raise CheckpointError(f"{src}: the checkpoint holds objects that are not plain tensors and will "
+                                  "not be loaded (nothing in it was executed)") from None
+        reason = "not a PyTorch checkpoint" if WEIGHTS_ONLY_FAILURE in str(err) else first_line(err)
+        raise CheckpointError(f"{src}: cannot read with torch.load(weights_only=True): {reason}") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as err:  # the zip reader's and I/O errors
+        reason = "unexpected end of file" if isinstance(err, EOFError) else first_line(err)
+        raise CheckpointError(f"{src}: cannot read with torch.load(weights_only=True): {reason}") from None
 
 
 def read_network_config(path: Path, kind: Kind) -> Any:

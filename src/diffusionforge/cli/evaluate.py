@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import ConfigError
 from ..metrics.features import FEATURE_NAMES
 from ..runs import load_run_model, open_run, write_json
+from ..utils.outputs import JSON, check_output_file
 from .sample import add_sampling_arguments, request_from_args
 
 EXAMPLE = """example:
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if args.num < 2 or any(k < 1 for k in args.steps or ()) or args.batch_size < 1:
         raise ConfigError("--num must be >= 2, --steps and --batch-size >= 1")
     task = open_run(args.run_dir)[1].task
+    out = check_output_file(args.out or Path(args.run_dir) / "metrics.json", JSON)
     if task == "autoencoder":
         record = evaluate_autoencoder_run(args)
     elif task == "bridge":
@@ -76,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         result, protocol = evaluate_run(model, config, request, args.num, args.seed,
                                         features=args.features, batch_size=args.batch_size)
         record = metrics_record(result, protocol)
-    out = Path(args.out) if args.out else Path(args.run_dir) / "metrics.json"
+    out.parent.mkdir(parents=True, exist_ok=True)  # checked above: can be made
     write_json(out, record)
     print(json.dumps(record["metrics"], indent=2))
     print(f"wrote {out}", file=sys.stderr)

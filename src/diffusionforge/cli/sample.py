@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from ..errors import ConfigError
 from ..models.generative import SampleRequest
-from ..runs import load_run_model
+from ..runs import load_run_model, open_run
 from ..utils.images import save_grid
+from ..utils.outputs import PNG, check_output_file
 
 EXAMPLE = """example:
   dforge sample runs/fashion-ddpm-20261123-101500 --num 64 --sampler ddim --steps 50 \\
@@ -76,12 +76,14 @@ def request_from_args(args: argparse.Namespace, config) -> SampleRequest:
 def run(args: argparse.Namespace) -> int:
     if args.num < 1 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--num, --steps and --batch-size must be >= 1")
-    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
+    out = check_output_file(args.out, PNG)
+    config = open_run(args.run_dir)[1]  # every input is checked before the model is built
     if config.task == "bridge":
         raise ConfigError(f"{args.run_dir} is an image-to-image bridge run: use `dforge translate`")
     if config.task == "story":
         raise ConfigError(f"{args.run_dir} is a story run: use `dforge story RUN_DIR --captions ...`")
     request = request_from_args(args, config)
+    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
     labels = class_labels(args.num, model.num_classes, args.class_label)
     generator = torch.Generator().manual_seed(args.seed)
     chunks = []
@@ -91,6 +93,6 @@ def run(args: argparse.Namespace) -> int:
         chunks.append(model.sample(batch, n, request, generator=generator))
     images = torch.cat(chunks)
     nrow = model.num_classes if labels is not None and args.class_label is None else None
-    out = save_grid(images, Path(args.out), nrow=nrow)
+    save_grid(images, out, nrow=nrow)
     print(f"wrote {len(images)} samples to {out}", file=sys.stderr)
     return 0

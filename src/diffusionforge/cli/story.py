@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, DataError
-from ..runs import load_run_model
+from ..runs import load_run_model, open_run
 from ..utils.images import load_image, save_grid
+from ..utils.outputs import PNG, check_output_file
 from .sample import add_sampling_arguments, request_from_args
 
 EXAMPLE = """examples:
@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.num < 1 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--num, --steps and --batch-size must be >= 1")
-    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
+    out = check_output_file(args.out, PNG)
+    config = open_run(args.run_dir)[1]  # every input is checked before the model is built
     if config.task != "story":
         raise ConfigError(f"{args.run_dir} is a task={config.task} run; `dforge story` needs a story run "
                           "(task=story, e.g. `dforge train fashion-arldm`)")
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if first is not None and len(captions) < 2:
         raise ConfigError("--captions: with --first-frame give its caption and at least one more")
     request = request_from_args(args, config)
+    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     for start in range(0, args.num, args.batch_size):
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         given = None if first is None else first.expand(n, -1, -1, -1)
         rows.append(model.generate([captions] * n, request, first_frames=given, generator=generator))
     stories = torch.cat(rows)  # (num, n, C, H, W)
-    out = save_grid(stories.flatten(0, 1), Path(args.out), nrow=len(captions))
+    save_grid(stories.flatten(0, 1), out, nrow=len(captions))
     print(f"wrote {args.num} stor{'ies' if args.num > 1 else 'y'} of {len(captions)} frames to {out}",
           file=sys.stderr)
     return 0

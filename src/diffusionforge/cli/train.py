@@ -76,8 +76,6 @@ def train(args: argparse.Namespace, lock: ExitStack) -> int:
     check_logger(config.trainer)  # e.g. trainer.logger=tensorboard without its package
     machine = describe_machine(config.trainer.accelerator)
     precision, why = choose_precision(config.trainer.precision, machine)
-    print(machine_line(machine, precision, why, config.trainer.time_budget or config.trainer.max_time),
-          file=sys.stderr)
     datamodule = build_datamodule(config)
     datamodule.setup("fit")  # data errors surface before a run directory is made
     config, model, finish = build_task(config, datamodule)
@@ -90,6 +88,8 @@ def train(args: argparse.Namespace, lock: ExitStack) -> int:
         check_resume_fits(model, resume)
         resume = None  # release the memory-mapped checkpoint
         write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(config))
+    print(machine_line(machine, precision, why, config.trainer.time_budget or config.trainer.max_time),
+          file=sys.stderr)  # after every input check: a refusal is one line
     model.sample_dir = run_dir / "samples"
     fit_config = replace(config, trainer=replace(config.trainer, max_time=max_time))
     extra = {"machine": machine.as_dict(), "precision": precision, "precision_reason": why, **budget}
@@ -108,6 +108,9 @@ def build_task(config: ExperimentConfig,
         from ..autoencoder_run import build_autoencoder_module, finish_autoencoder_run
 
         return config, build_autoencoder_module(config), finish_autoencoder_run
+    if config.model.conditioning.class_label is not None and datamodule.num_classes is None:
+        raise ConfigError(f"model.conditioning.class_label: data.name={config.data.name} has no class labels "
+                          "(an image folder needs one sub-folder per class); set model.conditioning.class_label=null")
     config, autoencoder = prepare_first_stage(config, datamodule)
     model = build_model(config, datamodule.num_classes, autoencoder=autoencoder)
     return config, model, finish_diffusion_run

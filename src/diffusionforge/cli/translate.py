@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
 from ..errors import ConfigError, DataError
-from ..runs import load_run_model
+from ..runs import load_run_model, open_run
 from ..utils.images import load_image, save_png, to_uint8
+from ..utils.outputs import PNG, check_output_file
 
 EXAMPLE = """examples:
   dforge translate runs/fashion-lbm-sr LR.png --steps 1 --out SR.png       # 7x7 -> 28x28
@@ -67,7 +67,7 @@ def source_batch(config, input_path: str, mask_path: str | None) -> dict:
     if degradation.task == "inpainting":
         if mask_path is None:
             raise ConfigError("--mask: this run inpaints; give the mask of the region to fill (white = fill)")
-        mask = (load_image(mask_path, 1) > 0).float()  # white (255) -> 1, black -> 0
+        mask = (load_image(mask_path, 1, any_mode=True) > 0).float()  # white (255) -> 1, black -> 0
         if mask.shape[-2:] != image.shape[-2:]:
             raise DataError(f"{mask_path}: is {mask.shape[-1]}x{mask.shape[-2]}, the input is "
                             f"{image.shape[-1]}x{image.shape[-2]}; they must be the same size")
@@ -81,11 +81,13 @@ def source_batch(config, input_path: str, mask_path: str | None) -> dict:
 def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 1:
         raise ConfigError(f"--steps: must be >= 1, got {args.steps}")
-    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
+    out = check_output_file(args.out, PNG)
+    config = open_run(args.run_dir)[1]  # every input is checked before the model is built
     if config.task != "bridge":
         raise ConfigError(f"{args.run_dir} is a task={config.task} run; translate needs a bridge run "
                           "(task=bridge, e.g. `dforge train fashion-lbm-sr`)")
     batch = source_batch(config, args.input, args.mask)
+    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
     if model.num_classes is not None:
         if args.class_label is None or not 0 <= args.class_label < model.num_classes:
             raise ConfigError(f"--class: this run is class-conditional; give a class in 0..{model.num_classes - 1}")
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--class given but the run is not class-conditional")
     generator = torch.Generator().manual_seed(args.seed)
     image = model.translate(batch, steps=args.steps, generator=generator, precision=args.precision)
-    out = save_png(to_uint8(image)[0], Path(args.out))
+    save_png(to_uint8(image)[0], out)
     steps = model.sample_steps if args.steps is None else args.steps
     print(f"wrote {out} ({steps} step{'s' if steps > 1 else ''})", file=sys.stderr)
     return 0

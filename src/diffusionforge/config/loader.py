@@ -59,6 +59,10 @@ def _load_yaml(path: Path) -> DictConfig:
     except (yaml.YAMLError, OmegaConfBaseException) as err:
         first = str(err).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid YAML (not a UTF-8 text file)") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     return loaded

@@ -10,7 +10,9 @@ Layouts (``class_subfolders=None`` picks the first that matches):
 With class sub-folders, images lying directly in ``root`` are ignored. Each
 image is converted to ``L`` (channels=1) or ``RGB`` (channels=3),
 center-cropped to a square and resized to ``image_size`` (bicubic), then
-scaled to [-1, 1]: ``x = u / 127.5 - 1`` for 8-bit values ``u``.
+scaled to [-1, 1]: ``x = u / 127.5 - 1`` for 8-bit values ``u``. Every
+file's header is read when the dataset is made, so a file that is not an
+image is refused before training starts.
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
     return square.resize((size, size), Image.Resampling.BICUBIC)
 
 
+def check_header(path: Path) -> None:
+    """DataError unless PIL recognises ``path`` as an image (reads the header only, not the pixels)."""
+    try:
+        with Image.open(path):
+            pass
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: cannot decode image ({err.__class__.__name__})") from None
+
+
 class ImageFolderDataset(Dataset):
     """Images in ``root`` (optionally in class sub-folders) as dicts of tensors.
 
@@ -96,6 +107,8 @@ class ImageFolderDataset(Dataset):
         labelled = bool(folders) if class_subfolders is None else class_subfolders
         self.classes: Optional[list[str]] = [f.name for f in folders] if labelled else None
         self.files, self.labels = self._scan(folders if labelled else None)
+        for path in self.files:
+            check_header(path)
 
     def _scan(self, folders: Optional[list[Path]]) -> tuple[list[Path], Optional[list[int]]]:
         """(image files, labels or None); DataError when there is nothing to load."""

@@ -16,6 +16,9 @@ from PIL import Image
 from torch import Tensor
 
 from ..errors import DataError
+
+FILE_MODES = {1: ("L", "1"), 3: ("RGB",)}  # PIL modes an input image file may have, by channel count
+CHANNEL_NAMES = {1: "grayscale", 3: "RGB"}
 from .atomic import atomic_path
 
 
@@ -53,15 +56,26 @@ def save_grid(images: Tensor, path: str | Path, nrow: int | None = None) -> Path
     return save_png(make_grid(images, nrow), path)
 
 
-def load_image(path: str | Path, channels: int, size: tuple[int, int] | None = None) -> Tensor:
-    """Read an image file -> (1, C, H, W) in [-1, 1], optionally resized to (H, W)."""
+def load_image(path: str | Path, channels: int, size: tuple[int, int] | None = None, *,
+               any_mode: bool = False) -> Tensor:
+    """Read an image file -> (1, C, H, W) in [-1, 1], optionally resized to (H, W).
+
+    The file must have the run's mode (``FILE_MODES``): L or 1 for channels=1, RGB for 3;
+    ``any_mode`` converts any mode instead (masks drawn in RGB, say).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: image file not found")
     try:
-        image = Image.open(path).convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as opened:
+            opened.load()  # decode now: a truncated file fails here
+            mode = opened.mode
+            image = opened.convert(FILE_MODES[channels][0])
     except OSError as err:
         raise DataError(f"{path}: cannot read image ({err})") from None
+    if not any_mode and mode not in FILE_MODES[channels]:  # an RGB file for a grayscale run is a mistake, not a conversion
+        raise DataError(f"{path}: is a mode {mode} image; this run takes {CHANNEL_NAMES[channels]} images "
+                        f"(mode {' or '.join(FILE_MODES[channels])})")
     if size is not None and image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.BICUBIC)
     array = np.asarray(image, dtype=np.float32).reshape(image.size[1], image.size[0], channels)
