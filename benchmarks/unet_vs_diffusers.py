@@ -5,17 +5,28 @@ channels, multipliers (1, 2, 2), one ResBlock per level, attention at the
 7x7 level and in the middle, scale-shift norm, GroupNorm 8, 32 channels per
 head), unconditional so that the parameter sets match one to one (the class
 embedding adds the same small table to either). A training step is forward
-+ MSE backward + AdamW step. Throughput is measured alternately (ours,
-diffusers, ours, ...) in one process so that machine load hits both alike;
-the table reports the median of the rounds, then the ratio of our bf16
-autocast step to diffusers' fp32 step (the project's fastest CPU setting
-against the baseline) and where our bf16 step spends its time
-(``torch.profiler`` self time per op). Peak memory is measured in a
-fresh child process per network: CUDA's ``max_memory_allocated`` on GPU; on
-CPU the peak resident set (VmHWM, reset just before) over the resident set
-of the built model, i.e. what two training steps add.
++ MSE backward + AdamW step, the optimiser built as training builds it
+(``OptimConfig`` defaults: betas, weight decay, no foreach/fused flag).
+Throughput is measured alternately (ours, diffusers, ours, ...) in one
+process so that machine load hits both alike; the table reports the median
+of the rounds per setting: fp32, fp32 with both networks and inputs in
+channels-last memory format, and bf16 autocast where the machine runs bf16
+natively (``diffusionforge.machine.native_bf16``; skipped on fp32-only CPUs,
+where it is emulated and unusably slow). Each row also gives the step's
+achieved GFLOP/s (FLOPs by ``FlopCounterMode``) as a fraction of this
+machine's fp32 (or bf16) 2048^3 matmul peak (``machine_peak.py``). Then the
+ratio of our bf16 step to diffusers' fp32 step (where bf16 ran) and where
+our step spends its time (``torch.profiler`` self time per op, bf16 where
+it ran, else fp32). Peak memory is measured in a fresh child process per
+network: CUDA's ``max_memory_allocated`` on GPU; on CPU the peak resident
+set (VmHWM, reset just before) over the resident set of the built model,
+i.e. what two training steps add.
 
     python benchmarks/unet_vs_diffusers.py [--batch 128] [--rounds 5] [--steps 3] [--device cpu]
+
+The fp32-only kind of CPU (AVX2, no AVX-512) can be reproduced on an
+AVX-512 machine with ``ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+ATEN_CPU_CAPABILITY=avx2``; the header line says which ISA ran.
 
 Writes benchmarks/results/unet_vs_diffusers.json.
 """
@@ -30,9 +41,13 @@ import time
 from pathlib import Path
 
 import torch
+from machine_peak import matmul_gflops
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from diffusionforge.backbones.unet import UNet, UNetConfig
+from diffusionforge.config.schema import OptimConfig
+from diffusionforge.machine import cpu_model, native_bf16
 
 SIZE = 28  # Fashion-MNIST
 OURS = UNetConfig(in_channels=1, out_channels=1, model_channels=32, channel_mult=(1, 2, 2),
@@ -70,11 +85,19 @@ class Diffusers(nn.Module):
 
 
 NETWORKS = {"ours": Ours, "diffusers": Diffusers}
+SETTINGS = {  # row name -> (bf16 autocast, channels-last memory format)
+    "fp32": (False, False),
+    "fp32 channels-last": (False, True),
+    "bf16": (True, False),
+}
 
 
-def make_step(model: nn.Module, batch: int, device: str, bf16: bool):
-    opt = torch.optim.AdamW(model.parameters(), 1e-4)
-    x = torch.randn(batch, 1, SIZE, SIZE, device=device)
+def make_step(model: nn.Module, batch: int, device: str, bf16: bool, channels_last: bool = False):
+    """One training step of ``model`` on a fixed random batch; the optimiser as ``GenerativeModel`` builds it."""
+    cfg = OptimConfig()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 1, SIZE, SIZE, device=device).contiguous(memory_format=memory_format)
     t = torch.randint(0, 1000, (batch,), device=device)
 
     def step():
@@ -98,10 +121,20 @@ def timed(step, steps: int, device: str) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def peak_memory_child(name: str, batch: int, device: str, bf16: bool, queue) -> None:
+def step_gflop(step) -> float:
+    """FLOPs of one call of ``step`` (forward + backward; the optimiser's elementwise work is not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() / 1e9
+
+
+def peak_memory_child(name: str, batch: int, device: str, setting: str, queue) -> None:
     torch.manual_seed(0)
+    bf16, channels_last = SETTINGS[setting]
     model = NETWORKS[name]().to(device)
-    step = make_step(model, batch, device, bf16)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step = make_step(model, batch, device, bf16, channels_last)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -127,70 +160,95 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def peak_memory_mib(name: str, batch: int, device: str, bf16: bool) -> float:
+def peak_memory_mib(name: str, batch: int, device: str, setting: str) -> float:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    child = ctx.Process(target=peak_memory_child, args=(name, batch, device, bf16, queue))
+    child = ctx.Process(target=peak_memory_child, args=(name, batch, device, setting, queue))
     child.start()
     value = queue.get()
     child.join()
     return value
 
 
+def measure_setting(models: dict, setting: str, args, peak: dict) -> dict:
+    """Alternating rounds of both networks in one setting -> one table row."""
+    bf16, channels_last = SETTINGS[setting]
+    if channels_last:
+        models = {name: m.to(memory_format=torch.channels_last) for name, m in models.items()}
+    steps = {name: make_step(m, args.batch, args.device, bf16, channels_last) for name, m in models.items()}
+    gflop = {name: step_gflop(step) for name, step in steps.items()}  # also the warm-up
+    times = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            times[name].append(timed(step, args.steps, args.device))
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
+    rate = {name: args.batch / s for name, s in seconds.items()}
+    memory = {name: peak_memory_mib(name, args.batch, args.device, setting) for name in models}
+    for m in models.values():
+        m.to(memory_format=torch.contiguous_format)
+    peak_gflops = peak["bf16" if bf16 else "fp32"]
+    return dict(setting=setting, ours_images_per_s=round(rate["ours"], 1),
+                diffusers_images_per_s=round(rate["diffusers"], 1), ratio=round(rate["ours"] / rate["diffusers"], 3),
+                **{f"{name}_fraction_of_peak": round(gflop[name] / seconds[name] / peak_gflops, 3) for name in models},
+                ours_peak_mib=round(memory["ours"], 1), diffusers_peak_mib=round(memory["diffusers"], 1),
+                ours_gflop_per_step=round(gflop["ours"], 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per precision")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per setting")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per network per round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "unet_vs_diffusers.json"))
     args = parser.parse_args()
+    bf16_native = native_bf16()
+    settings = [name for name, (bf16, _) in SETTINGS.items() if bf16_native or not bf16]
+    peak = {"fp32": matmul_gflops(2048, torch.float32)}
+    if bf16_native:
+        peak["bf16"] = matmul_gflops(2048, torch.bfloat16)
+    isa = torch.backends.cpu.get_cpu_capability()
+    print(f"{cpu_model()}, {torch.get_num_threads()} threads, ISA {isa}, native bf16: {bf16_native}; "
+          + ", ".join(f"{k} matmul peak {v:.1f} GFLOP/s" for k, v in peak.items()))
     torch.manual_seed(0)
     models = {name: cls().to(args.device) for name, cls in NETWORKS.items()}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
-    print(f"parameters: ours {params['ours']:,}  diffusers {params['diffusers']:,}")
+    print(f"parameters: ours {params['ours']:,}  diffusers {params['diffusers']:,}; batch {args.batch}, "
+          f"{args.rounds} alternating rounds of {args.steps} steps, medians")
+    print(f"{'setting':18s} {'ours img/s':>10s} {'diffusers img/s':>15s} {'ratio':>6s} {'ours peak':>9s} "
+          f"{'diff. peak':>10s} {'ours MiB':>9s} {'diffusers MiB':>13s}")
     rows = []
-    print(f"{'precision':9s} {'ours img/s':>10s} {'diffusers img/s':>15s} {'ratio':>6s} "
-          f"{'ours MiB':>9s} {'diffusers MiB':>13s}")
-    for precision in ("fp32", "bf16"):
-        bf16 = precision == "bf16"
-        steps = {name: make_step(m, args.batch, args.device, bf16) for name, m in models.items()}
-        for step in steps.values():
-            step()  # warm-up
-        times = {name: [] for name in models}
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                times[name].append(timed(step, args.steps, args.device))
-        rate = {name: args.batch / statistics.median(ts) for name, ts in times.items()}
-        memory = {name: peak_memory_mib(name, args.batch, args.device, bf16) for name in models}
-        row = dict(precision=precision, ours_images_per_s=round(rate["ours"], 1),
-                   diffusers_images_per_s=round(rate["diffusers"], 1),
-                   ratio=round(rate["ours"] / rate["diffusers"], 3),
-                   ours_peak_mib=round(memory["ours"], 1), diffusers_peak_mib=round(memory["diffusers"], 1))
+    for setting in settings:
+        row = measure_setting(models, setting, args, peak)
         rows.append(row)
-        print(f"{precision:9s} {rate['ours']:10.1f} {rate['diffusers']:15.1f} {row['ratio']:6.2f} "
-              f"{memory['ours']:9.0f} {memory['diffusers']:13.0f}", flush=True)
-    fp32, bf16 = rows
-    fastest = round(bf16["ours_images_per_s"] / fp32["diffusers_images_per_s"], 3)
-    print(f"ours bf16 autocast / diffusers fp32: {fastest:.2f}x")
-    profile = where_the_time_goes(models["ours"], args.batch, args.device)
-    print("where ours spends a bf16 training step (torch.profiler, self time):")
+        print(f"{setting:18s} {row['ours_images_per_s']:10.1f} {row['diffusers_images_per_s']:15.1f} "
+              f"{row['ratio']:6.3f} {row['ours_fraction_of_peak']:9.1%} {row['diffusers_fraction_of_peak']:10.1%} "
+              f"{row['ours_peak_mib']:9.0f} {row['diffusers_peak_mib']:13.0f}", flush=True)
+    by_setting = {row["setting"]: row for row in rows}
+    fastest = None
+    if "bf16" in by_setting:
+        fastest = round(by_setting["bf16"]["ours_images_per_s"] / by_setting["fp32"]["diffusers_images_per_s"], 3)
+        print(f"ours bf16 autocast / diffusers fp32: {fastest:.2f}x")
+    profile = where_the_time_goes(models["ours"], args.batch, args.device, bf16_native)
+    print(f"where ours spends a {'bf16' if bf16_native else 'fp32'} training step (torch.profiler, self time):")
     for name, ms in profile:
         print(f"  {ms:8.1f} ms  {name}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "batch": args.batch, "device": args.device, "threads": torch.get_num_threads(),
-        "rounds": args.rounds, "steps_per_round": args.steps, "parameters": params, "rows": rows,
+        "batch": args.batch, "device": args.device, "cpu": cpu_model(), "isa": isa, "native_bf16": bf16_native,
+        "threads": torch.get_num_threads(), "rounds": args.rounds, "steps_per_round": args.steps,
+        "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()}, "parameters": params, "rows": rows,
         "ours_bf16_over_diffusers_fp32": fastest,
-        "ours_bf16_profile_ms": [{"op": n, "ms": round(ms, 1)} for n, ms in profile]},
+        "ours_profile_ms": [{"op": n, "ms": round(ms, 1)} for n, ms in profile]},
         indent=2) + "\n")
 
 
-def where_the_time_goes(model: nn.Module, batch: int, device: str, top: int = 10) -> list[tuple[str, float]]:
-    """The ops with the most self time over two bf16 training steps (ms per step)."""
+def where_the_time_goes(model: nn.Module, batch: int, device: str, bf16: bool,
+                        top: int = 10) -> list[tuple[str, float]]:
+    """The ops with the most self time over two training steps (ms per step)."""
     from torch.profiler import ProfilerActivity, profile
 
-    step = make_step(model, batch, device, bf16=True)
+    step = make_step(model, batch, device, bf16)
     step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     with profile(activities=activities) as prof:

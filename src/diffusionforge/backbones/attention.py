@@ -67,13 +67,17 @@ class AttentionBlock(nn.Module):
         self.proj_out = zero_module(nn.Conv1d(channels, channels, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        # The 1x1 convs run as Linear layers on position-major tokens (same weights, same map),
+        # so q, k, v come out with ``d`` innermost: SDPA's fused CPU kernel needs that, and a
+        # matmul is cheaper than a 1x1 Conv1d on CPU.
         height = x.shape[2]
-        flat = rearrange(x, "b c h w -> b c (h w)")  # (B, C, N)
-        qkv = self.qkv(self.norm(flat))  # (B, 3C, N)
-        q, k, v = rearrange(qkv, "b (h three d) n -> three b h n d", three=3, h=self.num_heads)
+        tokens = rearrange(self.norm(x), "b c h w -> b (h w) c")  # (B, N, C)
+        qkv = F.linear(tokens, self.qkv.weight[:, :, 0], self.qkv.bias)  # (B, N, 3C)
+        q, k, v = rearrange(qkv, "b n (h three d) -> three b h n d", three=3, h=self.num_heads)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
-        out = self.proj_out(rearrange(out, "b h n d -> b (h d) n"))  # (B, C, N)
-        return rearrange(flat + out, "b c (h w) -> b c h w", h=height)
+        out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, C)
+        out = F.linear(out, self.proj_out.weight[:, :, 0], self.proj_out.bias)  # (B, N, C)
+        return x + rearrange(out, "b (h w) c -> b c h w", h=height)
 
 
 class CrossAttention(nn.Module):
