@@ -189,6 +189,11 @@ def _folder(root: Path, layout: str) -> Path:
         for i in range(40):
             write_png(folder / f"{i:02d}.png", 28, 28)
         (folder / "17.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    elif layout == "truncated":
+        for i in range(40):
+            write_png(folder / f"{i:02d}.png", 28, 28)
+        whole = (folder / "23.png").read_bytes()
+        (folder / "23.png").write_bytes(whole[:len(whole) - 20])
     elif layout == "only text":
         (folder / "readme.txt").write_text("no images here\n")
     elif layout == "empty class":
@@ -203,11 +208,29 @@ def _folder(root: Path, layout: str) -> Path:
     ("only text", ["no images"]),
     ("empty class", ["bags", "class folder has no images"]),
     ("corrupt", ["17.png", "cannot decode"]),
+    ("truncated", ["23.png", "cannot decode"]),
 ])
 def test_bad_image_folder_is_refused(capsys, tmp_path, layout, fragments):
     folder = _folder(tmp_path, layout)
     refused(capsys, ["train", "tiny", "data.name=folder", f"data.root={folder}", "model.conditioning.class_label=null",
                      f"run_dir={tmp_path / 'new'}", *QUICK_TRAIN], *fragments, unchanged=[tmp_path])
+
+
+def test_undecodable_image_in_a_loader_worker_is_one_line(capsys, tmp_path):
+    """A JPEG cut short passes the set-up check; the worker's error is re-raised as one line."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    for i in range(16):
+        Image.fromarray(pixels).save(folder / f"{i:02d}.jpg")
+    whole = (folder / "05.jpg").read_bytes()
+    (folder / "05.jpg").write_bytes(whole[:len(whole) // 2])
+    code = main(["train", "tiny", "data.name=folder", f"data.root={folder}", "model.conditioning.class_label=null",
+                 "data.batch_size=16", "data.val_size=0", "data.num_workers=1", f"run_dir={tmp_path / 'new'}",
+                 "trainer.max_steps=1", "--no-progress"])
+    err = capsys.readouterr().err.splitlines()  # the machine line, then the error: training had started
+    assert code == 2 and err[-1].startswith("dforge: error: ") and "Traceback" not in "\n".join(err), err
+    assert "05.jpg: cannot decode image" in err[-1] and len(err) == 2, err
 
 
 def test_missing_image_folder_is_refused(capsys, tmp_path):
@@ -309,6 +332,15 @@ def test_sample_with_bad_weights_is_refused(capsys, run, tmp_path, damage, fragm
     refused(capsys, ["sample", run, "--num", 2, "--steps", 2, "--out", tmp_path / "x.png"], fragment,
             unchanged=[run])
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--eta", "nan"], "--eta"), (["--eta", "-1"], "--eta"), (["--guidance", "inf"], "--guidance"),
+    (["--steps", "1000"], "exceeds"), (["--class", "10"], "--class"), (["--num", "0"], "--num"),
+])
+def test_sample_with_bad_flags_is_refused(capsys, tiny_run, tmp_path, flags, fragment):
+    refused(capsys, ["sample", tiny_run, *flags, "--out", tmp_path / "x.png"], fragment,
+            unchanged=[tiny_run, tmp_path])
 
 
 def test_sample_with_a_corrupt_run_config_is_refused(capsys, run, tmp_path):

@@ -15,6 +15,16 @@ class DForgeError(Exception):
     exit_status = 2  # what `dforge` exits with
 
 
+def one_line(err: DForgeError) -> str:
+    """The message of ``err``. A DataLoader worker's error reaches the main process re-raised with
+    the worker's traceback as its message; its last line, ``module.Class: message``, is the message."""
+    lines = str(err).strip().splitlines()
+    prefix = f"{type(err).__module__}.{type(err).__name__}: "
+    if len(lines) > 1 and lines[-1].startswith(prefix):
+        return lines[-1][len(prefix):]
+    return " ".join(line.strip() for line in lines)
+
+
 class ConfigError(DForgeError):
     """A config key is unknown, or its value has the wrong type or range."""
 

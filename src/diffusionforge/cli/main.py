@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from ..errors import DForgeError
+from ..errors import DForgeError, one_line
 
 EXAMPLES = """examples:
   dforge train                                   # default preset, class-conditional Fashion-MNIST
@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return args.handler(args) or 0
     except DForgeError as err:
-        print(f"dforge: error: {err}", file=sys.stderr)
+        print(f"dforge: error: {one_line(err)}", file=sys.stderr)
         return err.exit_status
     except KeyboardInterrupt:
         print("dforge: interrupted", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 import torch
@@ -66,6 +67,10 @@ def request_from_args(args: argparse.Namespace, config) -> SampleRequest:
     if args.steps > config.model.process.num_timesteps:
         raise ConfigError(f"--steps {args.steps} exceeds the process's "
                           f"{config.model.process.num_timesteps} timesteps")
+    if not (math.isfinite(args.eta) and args.eta >= 0):
+        raise ConfigError(f"--eta: must be a number >= 0, got {args.eta}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ConfigError(f"--guidance: must be a finite number, got {args.guidance}")
     return SampleRequest(
         sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=config.sample.spacing,
         guidance=config.sample.guidance if args.guidance is None else args.guidance,

@@ -11,8 +11,9 @@ With class sub-folders, images lying directly in ``root`` are ignored. Each
 image is converted to ``L`` (channels=1) or ``RGB`` (channels=3),
 center-cropped to a square and resized to ``image_size`` (bicubic), then
 scaled to [-1, 1]: ``x = u / 127.5 - 1`` for 8-bit values ``u``. Every
-file's header is read when the dataset is made, so a file that is not an
-image is refused before training starts.
+file is checked when the dataset is made (PIL's ``verify``: the header, and
+for PNG and WebP the whole file), so a file that is not an image, or a
+truncated PNG, is refused before training starts.
 """
 
 from __future__ import annotations
@@ -66,11 +67,11 @@ def center_crop_resize(image: Image.Image, size: int) -> Image.Image:
 
 
 def check_header(path: Path) -> None:
-    """DataError unless PIL recognises ``path`` as an image (reads the header only, not the pixels)."""
+    """DataError unless PIL's ``verify`` accepts ``path`` (without decoding the pixels)."""
     try:
-        with Image.open(path):
-            pass
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        with Image.open(path) as image:
+            image.verify()  # PNG: every chunk's CRC, so a truncated file fails here
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: cannot decode image ({err.__class__.__name__})") from None
 
 
