@@ -85,6 +85,7 @@ class Diffusers(nn.Module):
 
 
 NETWORKS = {"ours": Ours, "diffusers": Diffusers}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}  # --clock choices
 SETTINGS = {  # row name -> (bf16 autocast, channels-last memory format)
     "fp32": (False, False),
     "fp32 channels-last": (False, True),
@@ -110,15 +111,15 @@ def make_step(model: nn.Module, batch: int, device: str, bf16: bool, channels_la
     return step
 
 
-def timed(step, steps: int, device: str) -> float:
+def timed(step, steps: int, device: str, clock=time.perf_counter) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     for _ in range(steps):
         step()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
 def step_gflop(step) -> float:
@@ -180,7 +181,7 @@ def measure_setting(models: dict, setting: str, args, peak: dict) -> dict:
     times = {name: [] for name in models}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            times[name].append(timed(step, args.steps, args.device))
+            times[name].append(timed(step, args.steps, args.device, CLOCKS[args.clock]))
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
     rate = {name: args.batch / s for name, s in seconds.items()}
     memory = {name: peak_memory_mib(name, args.batch, args.device, setting) for name in models}
@@ -200,6 +201,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per setting")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per network per round")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall time, or this process's CPU time: steadier on a loaded machine "
+                             "with OMP_NUM_THREADS=1 (img/s then means per core-second)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "unet_vs_diffusers.json"))
     args = parser.parse_args()
     bf16_native = native_bf16()
@@ -214,7 +218,7 @@ def main() -> None:
     models = {name: cls().to(args.device) for name, cls in NETWORKS.items()}
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     print(f"parameters: ours {params['ours']:,}  diffusers {params['diffusers']:,}; batch {args.batch}, "
-          f"{args.rounds} alternating rounds of {args.steps} steps, medians")
+          f"{args.rounds} alternating rounds of {args.steps} steps, {args.clock} clock, medians")
     print(f"{'setting':18s} {'ours img/s':>10s} {'diffusers img/s':>15s} {'ratio':>6s} {'ours peak':>9s} "
           f"{'diff. peak':>10s} {'ours MiB':>9s} {'diffusers MiB':>13s}")
     rows = []
@@ -236,7 +240,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "batch": args.batch, "device": args.device, "cpu": cpu_model(), "isa": isa, "native_bf16": bf16_native,
-        "threads": torch.get_num_threads(), "rounds": args.rounds, "steps_per_round": args.steps,
+        "threads": torch.get_num_threads(), "clock": args.clock, "rounds": args.rounds, "steps_per_round": args.steps,
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peak.items()}, "parameters": params, "rows": rows,
         "ours_bf16_over_diffusers_fp32": fastest,
         "ours_profile_ms": [{"op": n, "ms": round(ms, 1)} for n, ms in profile]},
