@@ -18,7 +18,9 @@ Settings:
 
 Evaluations run natively (the weights are fixed; only sampling speed depends
 on the kernels). Slow (about 10 min of training and 10 min of evaluation per
-setting on 2 cores); run on demand, not in CI:
+setting on 2 cores); run on demand, not in CI. A setting whose run is
+already in --out-dir (trained, or trained and evaluated) is not redone, so
+an interrupted call continues:
 
     python benchmarks/default_run.py [--settings native fp32cpu] [--num 1000] [--out-dir /tmp/dforge-default]
 """
@@ -51,6 +53,20 @@ def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
     return wall, int(peak_kb.group(1)) / 1024 if peak_kb else float("nan")
 
 
+def finished_run(time_log: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) from the /usr/bin/time -v log of an earlier run."""
+    text = time_log.read_text()
+    clock = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text).group(1)
+    wall = sum(float(part) * 60 ** i for i, part in enumerate(reversed(clock.split(":"))))
+    peak_kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return wall, int(peak_kb.group(1)) / 1024 if peak_kb else float("nan")
+
+
+def evaluated(run_dir: Path, num: int) -> bool:
+    path = run_dir / "metrics.json"
+    return path.is_file() and json.loads(path.read_text())["protocol"]["num_samples"] == num
+
+
 def run_setting(name: str, args, out_dir: Path) -> dict:
     env = dict(os.environ)
     if name == "fp32cpu":
@@ -58,16 +74,20 @@ def run_setting(name: str, args, out_dir: Path) -> dict:
         if args.fp32_threads:
             env["OMP_NUM_THREADS"] = str(args.fp32_threads)
     run_dir = out_dir / name
-    wall, peak = timed(["dforge", "train", f"run_dir={run_dir}", "--no-progress"], env, out_dir / f"{name}.log")
+    if (run_dir / "train_summary.json").is_file() and (out_dir / f"{name}.time").is_file():
+        wall, peak = finished_run(out_dir / f"{name}.time")  # an earlier call of this script trained it
+    else:
+        wall, peak = timed(["dforge", "train", f"run_dir={run_dir}", "--no-progress"], env, out_dir / f"{name}.log")
     machine = next((line for line in (out_dir / f"{name}.log").read_text().splitlines()
                     if line.startswith("machine:")), "")
     summary = json.loads((run_dir / "train_summary.json").read_text())
-    subprocess.check_call(["dforge", "evaluate", str(run_dir), "--num", str(args.num), "--steps", "50",
-                           "--guidance", "2", "--seed", "0"], stdout=subprocess.DEVNULL)
+    if not evaluated(run_dir, args.num):
+        subprocess.check_call(["dforge", "evaluate", str(run_dir), "--num", str(args.num), "--steps", "50",
+                               "--guidance", "2", "--seed", "0"], stdout=subprocess.DEVNULL)
     metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
     return {"setting": name, "steps": summary["global_step"], "wall_s": round(wall, 1),
             "fit_s": summary["wall_time_s"], "peak_rss_mb": round(peak), "fid": metrics["fid"],
-            "kid": metrics["kid_mean"], "accuracy": metrics["accuracy"], "machine": machine,
+            "kid": metrics["kid_mean"], "accuracy": metrics["class_accuracy"], "machine": machine,
             "precision": summary.get("precision")}
 
 
