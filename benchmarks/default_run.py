@@ -39,22 +39,17 @@ from pathlib import Path
 FP32_CPU_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 
 
-def timed(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """Run ``cmd`` under /usr/bin/time -v; (wall seconds, peak RSS MB). Output goes to ``log``."""
-    time_log = log.with_suffix(".time")
-    start = time.perf_counter()
+def timed(cmd: list[str], env: dict, log: Path) -> None:
+    """Run ``cmd`` under /usr/bin/time -v (its report beside ``log``, see ``time_figures``)."""
     with log.open("w") as out:
-        code = subprocess.call(["/usr/bin/time", "-v", "-o", str(time_log), *cmd], env=env,
+        code = subprocess.call(["/usr/bin/time", "-v", "-o", str(log.with_suffix(".time")), *cmd], env=env,
                                stdout=out, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
     if code != 0:
         sys.exit(f"{' '.join(cmd)} failed with status {code}; see {log}")
-    peak_kb = re.search(r"Maximum resident set size \(kbytes\): (\d+)", time_log.read_text())
-    return wall, int(peak_kb.group(1)) / 1024 if peak_kb else float("nan")
 
 
-def finished_run(time_log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS MB) from the /usr/bin/time -v log of an earlier run."""
+def time_figures(time_log: Path) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) from a /usr/bin/time -v report."""
     text = time_log.read_text()
     clock = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text).group(1)
     wall = sum(float(part) * 60 ** i for i, part in enumerate(reversed(clock.split(":"))))
@@ -74,10 +69,9 @@ def run_setting(name: str, args, out_dir: Path) -> dict:
         if args.fp32_threads:
             env["OMP_NUM_THREADS"] = str(args.fp32_threads)
     run_dir = out_dir / name
-    if (run_dir / "train_summary.json").is_file() and (out_dir / f"{name}.time").is_file():
-        wall, peak = finished_run(out_dir / f"{name}.time")  # an earlier call of this script trained it
-    else:
-        wall, peak = timed(["dforge", "train", f"run_dir={run_dir}", "--no-progress"], env, out_dir / f"{name}.log")
+    if not ((run_dir / "train_summary.json").is_file() and (out_dir / f"{name}.time").is_file()):
+        timed(["dforge", "train", f"run_dir={run_dir}", "--no-progress"], env, out_dir / f"{name}.log")
+    wall, peak = time_figures(out_dir / f"{name}.time")
     machine = next((line for line in (out_dir / f"{name}.log").read_text().splitlines()
                     if line.startswith("machine:")), "")
     summary = json.loads((run_dir / "train_summary.json").read_text())

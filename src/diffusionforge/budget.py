@@ -15,24 +15,22 @@ the EMA over whatever time that leaves.
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Optional
 
+from .config.trainer_values import MAX_TIME_FORMAT
 from .errors import ConfigError
 
 FINISH_MARGIN_S = 8.0       # exporting weights, the summary, the loss plot, interpreter exit
 UNKNOWN_GRID_SHARE = 0.1    # budget share reserved when a model cannot estimate its final grid
 MIN_FIT_S = 5.0             # less than this left for the fit is an error, not a run
-_DURATION = re.compile(r"^(\d+):(\d{1,2}):(\d{1,2}):(\d{1,2})$")
 
 
 def parse_duration(text: str, key: str) -> float:
     """'DD:HH:MM:SS' -> seconds (``key`` names the config field in the error)."""
-    match = _DURATION.match(str(text).strip())
-    if not match:
+    if not MAX_TIME_FORMAT.match(str(text).strip()):
         raise ConfigError(f"{key}: expected DD:HH:MM:SS, got {text!r}")
-    days, hours, minutes, seconds = (int(g) for g in match.groups())
+    days, hours, minutes, seconds = (int(part) for part in str(text).strip().split(":"))
     return ((days * 24 + hours) * 60 + minutes) * 60 + seconds
 
 
