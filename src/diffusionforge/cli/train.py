@@ -91,7 +91,7 @@ def train(args: argparse.Namespace, lock: ExitStack) -> int:
     print(machine_line(machine, precision, why, config.trainer.time_budget or config.trainer.max_time),
           file=sys.stderr)  # after every input check: a refusal is one line
     model.sample_dir = run_dir / "samples"
-    fit_config = replace(config, trainer=replace(config.trainer, max_time=max_time))
+    fit_config = replace(config, trainer=replace(config.trainer, max_time=max_time, precision=precision))
     extra = {"machine": machine.as_dict(), "precision": precision, "precision_reason": why, **budget}
     return fit(fit_config, model, datamodule, run_dir, ckpt, progress=not args.no_progress,
                finish=finish, extra_summary=extra)
