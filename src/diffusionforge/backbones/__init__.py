@@ -5,14 +5,22 @@ t: (B,), cond: Optional[dict[str, Tensor]]) -> (B, out_channels, H, W)``, with
 ``cond`` keyed by how conditioning is injected (``vector``, ``crossattn``,
 ``crossattn_mask``, ``concat``).
 
-``BACKBONES`` maps a config name to ``(ConfigDataclass, ModuleClass)``; build
-with ``cls(config_cls(**fields))``.
+``BACKBONES`` (``registry.py``) maps a config name to ``(ConfigDataclass,
+ModuleClass)``; build with ``cls(config_cls(**fields))``. The config
+dataclasses live in the torch-free ``config.py``; every name here is imported
+on first use, so ``import diffusionforge.backbones.config`` does not import torch.
 """
 
-from diffusionforge.backbones.dit import DIT_MODELS, DiT, DiTConfig
-from diffusionforge.backbones.embeddings import timestep_embedding
-from diffusionforge.backbones.unet import UNet, UNetConfig
-
-BACKBONES = {"unet": (UNetConfig, UNet), "dit": (DiTConfig, DiT)}  # name -> (config dataclass, module class)
+from diffusionforge.utils.lazy import lazy_attributes
 
 __all__ = ["BACKBONES", "DIT_MODELS", "DiT", "DiTConfig", "UNet", "UNetConfig", "timestep_embedding"]
+
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "BACKBONES": ".registry",
+    "DIT_MODELS": ".config",
+    "DiTConfig": ".config",
+    "UNetConfig": ".config",
+    "DiT": ".dit",
+    "UNet": ".unet",
+    "timestep_embedding": ".embeddings",
+})

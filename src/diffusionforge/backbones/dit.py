@@ -39,7 +39,6 @@ Conditioning (``cond`` dict, as for the UNet):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -47,87 +46,12 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from diffusionforge.backbones.attention import CrossAttention, multihead_attention
+from diffusionforge.backbones.config import DIT_MODELS, DiTConfig, LabelDiTConfig
 from diffusionforge.backbones.embeddings import timestep_embedding
 from diffusionforge.backbones.inputs import check_inputs
 from diffusionforge.errors import ConfigError
 
 __all__ = ["DIT_MODELS", "DiT", "DiTConfig", "LabelDiT", "LabelDiTConfig", "sincos_pos_embed_2d"]
-
-# name -> (depth, hidden_size, num_heads, patch_size); Table 1 of Peebles & Xie 2023.
-DIT_MODELS: dict[str, tuple[int, int, int, int]] = {
-    f"DiT-{size}/{patch}": (*dims, patch)
-    for size, dims in {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}.items()
-    for patch in (2, 4, 8)
-}
-_SMALL = (6, 256, 4, 2)  # depth, hidden, heads, patch when neither name nor the fields are given
-_ARCH_FIELDS = ("depth", "hidden_size", "num_heads", "patch_size")
-
-
-@dataclass
-class DiTConfig:
-    """Hyper-parameters of ``DiT``. ``name`` (e.g. ``"DiT-S/2"``) fills the four architecture fields."""
-
-    name: Optional[str] = None  # one of DIT_MODELS; fills depth/hidden_size/num_heads/patch_size
-    depth: Optional[int] = None  # transformer blocks (None: from name, else 6)
-    hidden_size: Optional[int] = None  # token width D (None: from name, else 256)
-    num_heads: Optional[int] = None  # attention heads (None: from name, else 4)
-    patch_size: Optional[int] = None  # p (None: from name, else 2)
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
-    in_channels: int = 4  # channels of x (without concat); derived from data / latents
-    out_channels: int = 4  # 2 * in_channels for a learned sigma; derived from the process
-    input_size: Optional[int] = None  # H = W of x; derived from data / latents in a run
-    vector_dim: Optional[int] = None  # width of cond["vector"]; derived from the conditioners
-    context_dim: Optional[int] = None  # width of cond["crossattn"]; adds cross-attention per block
-    concat_channels: int = 0  # channels of cond["concat"]
-    frequency_embedding_size: int = 256  # sinusoidal timestep features fed to t_embedder
-    timestep_freq_shift: int = 0  # 0 = official DiT; diffusers' DiTTransformer2DModel uses 1
-    mlp_norm_eps: float = 1e-6  # eps of the LayerNorm before the MLP (diffusers' DiT: its norm_eps, 1e-5)
-
-    def __post_init__(self) -> None:
-        if self.name is not None and self.name not in DIT_MODELS:
-            raise ConfigError(f"DiTConfig.name '{self.name}' is not one of {sorted(DIT_MODELS)}")
-        base = DIT_MODELS[self.name] if self.name is not None else _SMALL
-        for field_name, value in zip(_ARCH_FIELDS, base):
-            given = getattr(self, field_name)
-            if given is None:
-                setattr(self, field_name, value)
-            elif self.name is not None and given != value:
-                raise ConfigError(f"DiTConfig.{field_name}={given} contradicts name {self.name} "
-                                  f"({field_name} {value}); set one or the other ({field_name}=null "
-                                  f"takes the name's)")
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("name",) or value is None:
-                continue
-            if f.type in ("int", "Optional[int]") and (not isinstance(value, int) or isinstance(value, bool)):
-                raise ConfigError(f"DiTConfig.{f.name} must be an integer, got {value!r}")
-        for name in ("depth", "hidden_size", "num_heads", "patch_size", "in_channels", "out_channels",
-                     "input_size", "frequency_embedding_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"DiTConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"DiTConfig.num_heads {self.num_heads} does not divide hidden_size {self.hidden_size}")
-        if self.hidden_size % 4:
-            raise ConfigError(f"DiTConfig.hidden_size must be a multiple of 4 (2-D sin-cos embedding), "
-                              f"got {self.hidden_size}")
-        if self.input_size is not None and self.input_size % self.patch_size:
-            raise ConfigError(f"DiTConfig.patch_size {self.patch_size} does not divide the input size "
-                              f"{self.input_size} (image or latent side)")
-        if self.mlp_ratio <= 0:
-            raise ConfigError(f"DiTConfig.mlp_ratio must be > 0, got {self.mlp_ratio}")
-        for name in ("vector_dim", "context_dim"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"DiTConfig.{name} must be None or >= 1, got {value}")
-
-    @property
-    def grid_size(self) -> int:
-        """Patches per side, ``input_size / patch_size``."""
-        return self.input_size // self.patch_size
-
-    @property
-    def learn_sigma(self) -> bool:
-        return self.out_channels == 2 * self.in_channels
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int) -> Tensor:
@@ -311,18 +235,6 @@ class DiT(nn.Module):
         return check_inputs(x, t, cond, vector_dim=c.vector_dim, context_dim=c.context_dim,
                             concat_channels=c.concat_channels, backbone="DiT")
 
-
-@dataclass
-class LabelDiTConfig(DiTConfig):
-    """A class-conditional DiT as published: ``num_classes`` labels plus a null class."""
-
-    num_classes: int = 1000  # K; the label table has K + 1 rows (the last is the null class)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.vector_dim = self.hidden_size  # the label table's rows add to the timestep embedding
-        if self.num_classes < 1:
-            raise ConfigError(f"LabelDiTConfig.num_classes must be >= 1, got {self.num_classes}")
 
 
 class LabelEmbedder(nn.Module):

@@ -32,7 +32,6 @@ error (so conditioning is never silently ignored).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
 from typing import Optional
 
 import torch
@@ -40,105 +39,11 @@ from torch import Tensor, nn
 
 from diffusionforge.backbones.attention import AttentionBlock, SpatialTransformer
 from diffusionforge.backbones.blocks import Downsample, ResBlock, Upsample, normalization, zero_module
+from diffusionforge.backbones.config import UNetConfig
 from diffusionforge.backbones.embeddings import mlp_embedder, timestep_embedding
 from diffusionforge.backbones.inputs import check_inputs
-from diffusionforge.errors import ConfigError
 
 __all__ = ["UNet", "UNetConfig", "TimestepEmbedSequential"]
-
-
-
-@dataclass
-class UNetConfig:
-    """Hyper-parameters of ``UNet``; names and meanings as in LDM's ``UNetModel``."""
-
-    in_channels: int = 1  # channels of x (without the concat conditioning)
-    out_channels: int = 1  # output channels; 2 * in_channels for a learned variance
-    model_channels: int = 64  # base width; level i has model_channels * channel_mult[i]
-    channel_mult: tuple[int, ...] = (1, 2, 2)  # width multiplier per level; one level per entry
-    num_res_blocks: int = 2  # ResBlocks per level on the way down (one more on the way up)
-    attention_resolutions: tuple[int, ...] = (2,)  # downsampling factors (1, 2, 4, ...) with attention
-    num_heads: int = 4  # attention heads, used when num_head_channels == -1
-    num_head_channels: int = -1  # channels per head (heads = channels // this); -1 = use num_heads
-    dropout: float = 0.0  # dropout in ResBlocks and transformer blocks
-    use_scale_shift_norm: bool = True  # AdaGN h = GN(h) * (1 + scale) + shift (ADM); False adds emb
-    resblock_updown: bool = False  # resample with ResBlocks (ADM/BigGAN) instead of Down/Upsample
-    conv_resample: bool = True  # Down/Upsample use a 3x3 conv (else avg-pool / plain nearest)
-    norm_groups: int = 32  # GroupNorm groups; must divide every channel count
-    context_dim: Optional[int] = None  # width of cond["crossattn"]; enables SpatialTransformer blocks
-    transformer_depth: int = 1  # BasicTransformerBlocks per SpatialTransformer
-    use_linear_in_transformer: bool = False  # SD2-style Linear proj_in/out (SD1: 1x1 conv)
-    concat_channels: int = 0  # channels of cond["concat"], stacked onto x before conv_in
-    vector_dim: Optional[int] = None  # width of cond["vector"], added to the time embedding
-
-    def __post_init__(self) -> None:
-        self.channel_mult = tuple(self.channel_mult)
-        self.attention_resolutions = tuple(self.attention_resolutions)
-        self._check_types()
-        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "norm_groups"):
-            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        _require(self.transformer_depth >= 1, "transformer_depth", f"must be >= 1, got {self.transformer_depth}")
-        _require(self.concat_channels >= 0, "concat_channels", f"must be >= 0, got {self.concat_channels}")
-        _require(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
-        for name in ("context_dim", "vector_dim"):
-            value = getattr(self, name)
-            _require(value is None or value >= 1, name, f"must be None or >= 1, got {value}")
-        _require(
-            self.context_dim is not None or not self.use_linear_in_transformer,
-            "use_linear_in_transformer",
-            "needs context_dim (it only affects SpatialTransformer blocks)",
-        )
-        self._check_levels()
-
-    def _check_types(self) -> None:
-        for f in fields(self):
-            value, kind = getattr(self, f.name), f.type
-            if "tuple" in kind:
-                ok = len(value) > 0 or f.name == "attention_resolutions"
-                ok = ok and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-                _require(ok, f.name, f"must be a {'' if ok else 'non-empty '}list of ints, got {value}")
-            elif kind == "bool":
-                _require(isinstance(value, bool), f.name, f"must be true or false, got {value!r}")
-            elif "int" in kind:
-                ok = (value is None and "Optional" in kind) or (isinstance(value, int) and not isinstance(value, bool))
-                _require(ok, f.name, f"must be an integer, got {value!r}")
-            elif kind == "float":
-                _require(isinstance(value, (int, float)), f.name, f"must be a number, got {value!r}")
-
-    def _check_levels(self) -> None:
-        _require(all(m >= 1 for m in self.channel_mult), "channel_mult", f"must be >= 1, got {self.channel_mult}")
-        factors = tuple(2**i for i in range(len(self.channel_mult)))
-        for r in self.attention_resolutions:
-            msg = f"{r} is not a downsampling factor of this UNet (one of {factors}); not a pixel size"
-            _require(r in factors, "attention_resolutions", msg)
-        for i, mult in enumerate(self.channel_mult):
-            ch = self.model_channels * mult
-            msg = f"{self.norm_groups} does not divide model_channels * channel_mult[{i}] = {ch}"
-            _require(ch % self.norm_groups == 0, "norm_groups", msg)
-        attn_levels = {i for i, f in enumerate(factors) if f in self.attention_resolutions}
-        attn_levels.add(len(self.channel_mult) - 1)  # the middle block always has attention
-        if self.num_head_channels == -1:
-            _require(self.num_heads >= 1, "num_heads", f"must be >= 1, got {self.num_heads}")
-        else:
-            msg = f"must be -1 or >= 1, got {self.num_head_channels}"
-            _require(self.num_head_channels >= 1, "num_head_channels", msg)
-        name = "num_heads" if self.num_head_channels == -1 else "num_head_channels"
-        for i in sorted(attn_levels):
-            ch = self.model_channels * self.channel_mult[i]
-            msg = f"{getattr(self, name)} does not divide the {ch} channels of attention level {i}"
-            _require(ch % getattr(self, name) == 0, name, msg)
-
-    def heads_for(self, channels: int) -> tuple[int, int]:
-        """``(heads, dim_head)`` of an attention layer on ``channels`` channels (LDM's rule)."""
-        if self.num_head_channels == -1:
-            return self.num_heads, channels // self.num_heads
-        return channels // self.num_head_channels, self.num_head_channels
-
-
-def _require(ok: bool, field: str, message: str) -> None:
-    """Raise ``ConfigError("UNetConfig.<field> <message>")`` unless ``ok``."""
-    if not ok:
-        raise ConfigError(f"UNetConfig.{field} {message}")
 
 
 class TimestepEmbedSequential(nn.Sequential):
