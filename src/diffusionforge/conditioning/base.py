@@ -54,14 +54,6 @@ MASKED_KINDS = ("crossattn",)  # kinds whose conditioners may return a token mas
 Cond = dict[str, Tensor]
 
 
-def check_ucg_rate(rate: object) -> None:
-    """A conditioner config's drop rate must be a number in [0, 1] (ConfigError otherwise)."""
-    from ..errors import ConfigError
-
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 <= rate <= 1.0:
-        raise ConfigError(f"ucg_rate: must be in [0, 1], got {rate!r}")
-
-
 class MaskedCond(NamedTuple):
     """A conditioner output with a token mask."""
 

@@ -8,23 +8,11 @@ has its own learned embedding (DiT ``LabelEmbedder``; Ho & Salimans 2022).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor, nn
 
-from .base import Conditioner, check_ucg_rate
-
-
-@dataclass
-class ClassLabelConfig:
-    num_classes: int = 10          # K; the null class gets index K
-    embed_dim: int = 128           # D of the vector handed to the backbone
-    ucg_rate: float = 0.1          # probability of dropping the label in training
-    input_key: str = "class_label"  # batch key holding (B,) integer labels
-
-    def __post_init__(self) -> None:
-        check_ucg_rate(self.ucg_rate)
+from .base import Conditioner
+from .config import ClassLabelConfig
 
 
 class ClassEmbedder(Conditioner):

@@ -15,29 +15,12 @@ len(image_keys) * c`` channels for c latent channels. A dropped sample
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import ConfigError
-from .base import Conditioner, check_ucg_rate
-
-
-@dataclass
-class LatentsConcatConfig:
-    image_keys: list[str] = field(default_factory=list)  # batch keys of images the first stage encodes
-    mask_keys: list[str] = field(default_factory=lambda: ["mask"])  # batch keys of (B, 1, H, W) masks
-    ucg_rate: float = 0.0  # probability of zeroing a sample's channels in training
-
-    def __post_init__(self) -> None:
-        keys = list(self.mask_keys) + list(self.image_keys)
-        if not keys:
-            raise ConfigError("model.conditioning.latents_concat: needs at least one of image_keys, mask_keys")
-        if len(set(keys)) != len(keys):
-            raise ConfigError(f"model.conditioning.latents_concat: keys repeat: {keys}")
-        check_ucg_rate(self.ucg_rate)
+from .base import Conditioner
+from .config import LatentsConcatConfig
 
 
 class LatentsConcat(Conditioner):

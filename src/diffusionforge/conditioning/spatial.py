@@ -13,26 +13,11 @@ a different conditioner, which VAE-encodes image keys.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Conditioner, check_ucg_rate
-
-
-@dataclass
-class ConcatConditionerConfig:
-    input_key: str = "concat"      # batch key holding (B, channels, H', W')
-    channels: int = 1              # C of that tensor (concat channels of the backbone)
-    interpolation: Literal["nearest", "bilinear", "area"] = "nearest"  # resizing to the diffusion grid
-    ucg_rate: float = 0.0          # probability of zeroing a sample's channels in training
-
-    def __post_init__(self) -> None:
-        check_ucg_rate(self.ucg_rate)
-        if self.channels < 1:
-            raise ValueError(f"channels must be >= 1, got {self.channels}")
+from .base import Conditioner
+from .config import ConcatConditionerConfig
 
 
 class SpatialConcat(Conditioner):

