@@ -38,95 +38,12 @@ a process never imports).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, Optional, get_args
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from diffusionforge.errors import ConfigError
-
-BridgeTimestepSampling = Literal["uniform", "log_normal", "custom_timesteps"]
-LatentLossType = Literal["l2", "l1"]
-PixelLossType = Literal["l2", "l1", "lpips"]
-PixelLossWindow = Literal["crop", "resize"]
-PROB_TOLERANCE = 1e-6
-
-
-@dataclass
-class BridgeMatchingConfig:
-    """The bridge, its training-time distribution and its losses (YAML ``bridge.process``)."""
-
-    bridge_noise_sigma: float = 0.005  # sigma_b: std of the bridge noise at t = 1/2 is sigma_b / 2
-    num_train_timesteps: int = 1000  # T: the time grid of training and the backbone's time scale
-    timestep_sampling: BridgeTimestepSampling = "uniform"  # uniform | log_normal | custom_timesteps
-    logit_mean: float = 0.0  # log_normal: mean of the normal before the sigmoid
-    logit_std: float = 1.0  # log_normal: its std
-    selected_timesteps: Optional[list[float]] = None  # custom_timesteps: times in (0, T], e.g. [250, 500, 750, 1000]
-    prob: Optional[list[float]] = None  # custom_timesteps: their probabilities (sum 1); None = equal
-    latent_loss_type: LatentLossType = "l2"  # distance between predicted and true velocity
-    latent_loss_weight: float = 1.0  # weight of the latent loss
-    pixel_loss_type: PixelLossType = "l2"  # distance of the decoded prediction to the target image
-    pixel_loss_weight: float = 0.0  # weight of the pixel loss (0 = off: no decoder in the training step)
-    pixel_loss_max_size: int = 512  # the pixel loss sees at most this many pixels per side ...
-    pixel_loss_window: PixelLossWindow = "crop"  # ... of a random crop, or of the image resized to it
-
-    def __post_init__(self) -> None:
-        _validate(self)
-
-
-def _fail(name: str, requirement: str, value: object) -> None:
-    raise ConfigError(f"bridge.process.{name}: must be {requirement}, got {value!r}")
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _validate(c: BridgeMatchingConfig) -> None:
-    for name, alias in (("timestep_sampling", BridgeTimestepSampling), ("latent_loss_type", LatentLossType),
-                        ("pixel_loss_type", PixelLossType), ("pixel_loss_window", PixelLossWindow)):
-        if getattr(c, name) not in get_args(alias):
-            _fail(name, f"one of {list(get_args(alias))}", getattr(c, name))
-    for name in ("bridge_noise_sigma", "logit_mean", "logit_std", "latent_loss_weight", "pixel_loss_weight"):
-        if not _is_number(getattr(c, name)) or not math.isfinite(getattr(c, name)):
-            _fail(name, "a finite number", getattr(c, name))
-    for name in ("bridge_noise_sigma", "latent_loss_weight", "pixel_loss_weight"):
-        if getattr(c, name) < 0:
-            _fail(name, ">= 0", getattr(c, name))
-    if c.logit_std <= 0:
-        _fail("logit_std", "> 0", c.logit_std)
-    if not isinstance(c.num_train_timesteps, int) or isinstance(c.num_train_timesteps, bool) \
-            or c.num_train_timesteps < 1:
-        _fail("num_train_timesteps", "an integer >= 1", c.num_train_timesteps)
-    if not isinstance(c.pixel_loss_max_size, int) or c.pixel_loss_max_size < 1:
-        _fail("pixel_loss_max_size", "an integer >= 1", c.pixel_loss_max_size)
-    if c.latent_loss_weight == 0 and c.pixel_loss_weight == 0:
-        _fail("latent_loss_weight", "> 0 when pixel_loss_weight is 0 (nothing to train)", c.latent_loss_weight)
-    if c.timestep_sampling == "custom_timesteps":
-        _validate_custom(c)
-    elif c.selected_timesteps is not None or c.prob is not None:
-        name = "selected_timesteps" if c.selected_timesteps is not None else "prob"
-        _fail(name, "unset unless timestep_sampling=custom_timesteps", getattr(c, name))
-
-
-def _validate_custom(c: BridgeMatchingConfig) -> None:
-    steps, prob = c.selected_timesteps, c.prob
-    if not steps:
-        _fail("selected_timesteps", "a non-empty list with timestep_sampling=custom_timesteps", steps)
-    steps = list(steps)
-    if not all(_is_number(s) and 0 < s <= c.num_train_timesteps for s in steps):
-        _fail("selected_timesteps", f"numbers in (0, {c.num_train_timesteps}] (num_train_timesteps)", steps)
-    if prob is None:
-        return
-    prob = list(prob)
-    if len(prob) != len(steps):
-        raise ConfigError(f"bridge.process.prob: has {len(prob)} entries but selected_timesteps has "
-                          f"{len(steps)}; they must have the same length")
-    if not all(_is_number(p) and p >= 0 for p in prob):
-        _fail("prob", "non-negative numbers", prob)
-    if abs(sum(prob) - 1.0) > PROB_TOLERANCE:
-        raise ConfigError(f"bridge.process.prob: must sum to 1, sums to {sum(prob):.6g} ({prob})")
+from diffusionforge.processes.config import BridgeMatchingConfig
 
 
 def _per_sample(t: Tensor, like: Tensor) -> Tensor:

@@ -25,81 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Literal, NamedTuple, Optional, Sequence, Tuple, get_args
+from typing import NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from diffusionforge.errors import ConfigError
-from diffusionforge.processes.schedules import BetaScheduleName, make_beta_schedule, schedule_tables, vlb_weights
+from diffusionforge.processes.config import GaussianDiffusionConfig
+from diffusionforge.processes.schedules import make_beta_schedule, schedule_tables, vlb_weights
 from diffusionforge.processes.loss_weighting import lognormal_timesteps, min_snr_weight, snr
 from diffusionforge.processes.vlb import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-
-PredictionType = Literal["eps", "x0", "v"]
-VarianceType = Literal["fixed_small", "fixed_large", "learned_range"]
-LossType = Literal["l2", "l1"]
-TimestepSampling = Literal["uniform", "lognormal"]
-
-
-@dataclass
-class GaussianDiffusionConfig:
-    """Schedule, parametrisation and loss of a discrete Gaussian diffusion."""
-
-    num_timesteps: int = 1000  # T, number of diffusion steps
-    beta_schedule: BetaScheduleName = "linear"  # linear | scaled_linear | cosine (schedules.BETA_SCHEDULES)
-    linear_start: float = 1e-4  # first beta of the (scaled_)linear schedules
-    linear_end: float = 2e-2  # last beta of the (scaled_)linear schedules
-    cosine_s: float = 8e-3  # offset s of the cosine schedule (N&D Eq. 17)
-    prediction_type: PredictionType = "eps"  # what the backbone predicts: eps, x0 or v
-    variance_type: VarianceType = "fixed_small"  # sigma_t^2: beta_tilde, beta, or learned (N&D Eq. 15)
-    loss_type: LossType = "l2"  # distance of the simple loss
-    v_posterior: float = 0.0  # LDM: sigma^2 = (1-v) * beta_tilde + v * beta
-    l_simple_weight: float = 1.0  # weight of mean L_simple
-    original_elbo_weight: float = 0.0  # weight of L_vlb = lvlb_weights[t] * L_simple (LDM)
-    timestep_sampling: TimestepSampling = "uniform"  # how training draws t: uniform, or EDM's log-normal sigma mapped to the nearest step
-    lognormal_mean: float = -1.2  # timestep_sampling=lognormal: P_mean of ln(sigma) (Karras et al. 2022)
-    lognormal_std: float = 1.2  # timestep_sampling=lognormal: P_std of ln(sigma)
-    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023), in its form for the prediction type; 0 = off
-
-    def __post_init__(self) -> None:
-        _validate_config(self)
-
-
-def _check_choice(name: str, value: object, alias: object) -> None:
-    choices = get_args(alias)
-    if value not in choices:
-        raise ConfigError(f"GaussianDiffusionConfig.{name}: expected one of {list(choices)}, got {value!r}")
-
-
-def _check(ok: bool, name: str, requirement: str, value: object) -> None:
-    if not ok:
-        raise ConfigError(f"GaussianDiffusionConfig.{name}: must be {requirement}, got {value!r}")
-
-
-def _validate_config(c: GaussianDiffusionConfig) -> None:
-    is_int = isinstance(c.num_timesteps, int) and not isinstance(c.num_timesteps, bool)
-    _check(is_int and c.num_timesteps >= 1, "num_timesteps", "an int >= 1", c.num_timesteps)
-    for field in dataclasses.fields(c):
-        value = getattr(c, field.name)
-        if field.type == "float":
-            _check(isinstance(value, (int, float)) and not isinstance(value, bool), field.name, "a number", value)
-    _check_choice("beta_schedule", c.beta_schedule, BetaScheduleName)
-    _check(0.0 < c.linear_start < 1.0, "linear_start", "in (0, 1)", c.linear_start)
-    _check(c.linear_start < c.linear_end < 1.0, "linear_end", "in (linear_start, 1)", c.linear_end)
-    _check(c.cosine_s > 0.0, "cosine_s", "> 0", c.cosine_s)
-    _check_choice("prediction_type", c.prediction_type, PredictionType)
-    _check_choice("variance_type", c.variance_type, VarianceType)
-    _check_choice("loss_type", c.loss_type, LossType)
-    _check_choice("timestep_sampling", c.timestep_sampling, TimestepSampling)
-    _check(0.0 <= c.v_posterior <= 1.0, "v_posterior", "in [0, 1]", c.v_posterior)
-    _check(c.snr_gamma >= 0.0, "snr_gamma", ">= 0 (0 = off)", c.snr_gamma)
-    _check(c.lognormal_std > 0.0, "lognormal_std", "> 0", c.lognormal_std)
-    _check(c.l_simple_weight >= 0.0, "l_simple_weight", ">= 0", c.l_simple_weight)
-    _check(c.original_elbo_weight >= 0.0, "original_elbo_weight", ">= 0", c.original_elbo_weight)
-    if c.variance_type == "learned_range":
-        requirement = "0 with learned_range (its hybrid loss has its own VLB term)"
-        _check(c.original_elbo_weight == 0.0, "original_elbo_weight", requirement, c.original_elbo_weight)
 
 
 class PMeanVariance(NamedTuple):

@@ -37,14 +37,13 @@ Schedules
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Literal
+from typing import Callable, Dict
 
 import torch
 from torch import Tensor
 
 from diffusionforge.errors import ConfigError
-
-BetaScheduleName = Literal["linear", "scaled_linear", "cosine"]
+from diffusionforge.processes.config import BetaScheduleName
 
 # Floor of the posterior variance before its log when T == 1 (LDM uses 1e-20).
 MIN_LOG_VARIANCE_ARG = 1e-20
