@@ -23,15 +23,16 @@ Discriminator losses, on real logits ``r = D(x)`` and fake ``f = D(xhat)``:
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .config import DiscLossName
+
 __all__ = ["NLayerDiscriminator", "init_weights", "hinge_d_loss", "vanilla_d_loss",
            "adopt_weight", "D_LOSSES", "DiscLossName"]
 
-DiscLossName = Literal["hinge", "vanilla"]
 KERNEL = 4  # conv kernel of the PatchGAN
 PADDING = 1  # conv padding of the PatchGAN
 LEAK = 0.2  # LeakyReLU negative slope
