@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from diffusionforge.data.datamodule import ImageDataModule
 from diffusionforge.models.generative import SampleRequest
-from diffusionforge.runs import load_run_model
+from diffusionforge.tasks import load_run_model
 
 
 def timed(fn) -> float:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusionforge.build import build_model
+from diffusionforge.tasks import build_model
 from diffusionforge.config import load_config
 
 

@@ -19,7 +19,7 @@ import torch
 
 from diffusionforge.evaluation import evaluate_run, metrics_record
 from diffusionforge.models.generative import SampleRequest
-from diffusionforge.runs import load_run_model
+from diffusionforge.tasks import load_run_model
 
 
 def settings(num_timesteps: int) -> list[tuple[str, int]]:

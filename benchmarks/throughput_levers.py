@@ -1,6 +1,6 @@
 """Throughput levers of the default training step, side by side in one process.
 
-For the default preset's model (build_model on fashion-ddpm) and variants of
+For the default preset's model (tasks.build_model on fashion-ddpm) and variants of
 it, one training step (diffusion loss + backward + AdamW, batch of the
 preset) is timed per lever: plain fp32, channels-last, ``torch.compile``
 (its compile time reported separately: on 2 cores it has to be paid back
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from diffusionforge.build import build_model
+from diffusionforge.tasks import build_model
 from diffusionforge.config import load_config
 from diffusionforge.machine import describe_machine, machine_line
 from machine_peak import matmul_gflops

@@ -13,8 +13,8 @@ from safetensors import safe_open
 from scipy.ndimage import gaussian_filter
 from torch import nn
 
-from diffusionforge import autoencoder_run
-from diffusionforge.autoencoder_run import (AUTOENCODER_WEIGHTS, build_autoencoder,
+from diffusionforge.tasks import autoencoder as autoencoder_run
+from diffusionforge.tasks.autoencoder import (AUTOENCODER_WEIGHTS, build_autoencoder,
                                             build_autoencoder_module, load_autoencoder_run,
                                             loss_config)
 from diffusionforge.cli.main import main

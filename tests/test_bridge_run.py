@@ -12,7 +12,7 @@ from PIL import Image
 from diffusionforge.cli.main import main
 from diffusionforge.data.datasets import build_dataset
 from diffusionforge.data.degradations import low_resolution
-from diffusionforge.runs import load_run_model
+from diffusionforge.tasks import load_run_model
 from diffusionforge.utils.images import save_png, to_uint8
 from test_autoencoder_run import TINY_VAE
 from test_latent_run import TINY_LDM
@@ -125,7 +125,7 @@ def test_evaluate_inpainting_reports_the_holes(runs, tmp_path):
 
 
 def test_bridge_training_needs_pairs():
-    from diffusionforge.build import build_model
+    from diffusionforge.tasks import build_model
     from diffusionforge.config.loader import load_config
     from diffusionforge.errors import ConfigError
 

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import save_file
 
 from diffusionforge.backbones import UNet, UNetConfig
-from diffusionforge.cli import convert
+from diffusionforge.interop import registry as interop_registry
 from diffusionforge.cli.main import main
 from diffusionforge.first_stage.autoencoder import AutoencoderConfig, AutoencoderKL
 from diffusionforge.interop.ours import load_ours, save_ours
@@ -280,13 +280,13 @@ def test_what_diffusers_cannot_express_is_refused_before_writing(tmp_path, capsy
 
 def test_failed_write_leaves_neither_dst_nor_temporary_folder(tmp_path, capsys, monkeypatch):
     save_ours(_ours("vae"), "vae", tmp_path / "src")
-    original = convert.save_network
+    original = interop_registry.save_network
 
     def fail_halfway(model, kind, to, directory):
         original(model, kind, to, directory)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert, "save_network", fail_halfway)
+    monkeypatch.setattr(interop_registry, "save_network", fail_halfway)
     code, _, err = _convert(capsys, tmp_path / "src", "--kind", "vae", "--to", "ours", "--out", tmp_path / "dst")
     _assert_one_line_error(code, err, "cannot write", "No space left on device")
     _assert_nothing_beside(tmp_path, "src")
@@ -301,7 +301,7 @@ def test_dst_holding_src_is_refused(tmp_path, capsys):
 
 
 def test_diffusion_run_backbone_converts_to_our_format(tiny_run, tmp_path, capsys):
-    from diffusionforge.runs import load_run_model
+    from diffusionforge.tasks import load_run_model
 
     code, out, err = _convert(capsys, tiny_run, "--kind", "unet", "--to", "ours", "--out", tmp_path / "unet")
     assert code == 0, err

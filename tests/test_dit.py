@@ -217,7 +217,7 @@ PIXEL_DIT = ["model.backbone=dit", "model.dit.depth=2", "model.dit.hidden_size=3
 
 
 def pixel_dit_model(*extra):
-    from diffusionforge.build import build_model
+    from diffusionforge.tasks import build_model
     from diffusionforge.config import load_config
 
     config = load_config("tiny", [*PIXEL_DIT, *extra])

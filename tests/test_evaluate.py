@@ -8,7 +8,7 @@ import torch
 from diffusionforge.cli.main import main
 from diffusionforge.metrics import classifier_sha256
 from diffusionforge.models.generative import SampleRequest
-from diffusionforge.runs import load_run_model
+from diffusionforge.tasks import load_run_model
 
 
 def test_evaluate_records_protocol_and_repeats_exactly(tiny_run, tmp_path, capsys):

@@ -5,7 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from diffusionforge.build import build_datamodule, build_model, prepare_first_stage
+from diffusionforge.data.datamodule import ImageDataModule
+from diffusionforge.tasks import build_model
+from diffusionforge.tasks.parts import prepare_first_stage
 from diffusionforge.config import load_config
 from diffusionforge.errors import ConfigError
 from diffusionforge.first_stage.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -73,18 +75,18 @@ def test_estimated_scale_gives_unit_variance_latents():
 
 
 def test_prepare_first_stage_estimates_and_records_the_scale(monkeypatch):
-    import diffusionforge.build as build
+    import diffusionforge.tasks.parts as build
 
     autoencoder = tiny_autoencoder()
     monkeypatch.setattr(build, "load_latent_autoencoder", lambda config: autoencoder)
     config = load_config("tiny", [*LATENT, "model.latent.scale_images=64"])
     assert config.model.latent.scale_factor is None
-    resolved, loaded = prepare_first_stage(config, build_datamodule(config))
+    resolved, loaded = prepare_first_stage(config, ImageDataModule(config.data, seed=config.seed))
     assert loaded is autoencoder and resolved.model.latent.scale_factor > 0
     assert config.model.latent.scale_factor is None  # the input config is not mutated
     stored = tiny_autoencoder(scaling_factor=0.3)
     monkeypatch.setattr(build, "load_latent_autoencoder", lambda config: stored)
-    assert prepare_first_stage(config, build_datamodule(config))[0].model.latent.scale_factor == 0.3
+    assert prepare_first_stage(config, ImageDataModule(config.data, seed=config.seed))[0].model.latent.scale_factor == 0.3
 
 
 def test_latent_config_without_autoencoder_run_is_a_config_error():
@@ -118,7 +120,7 @@ def test_text_conditioned_model_trains_on_captions_from_class_names():
     assert model.num_classes == 10
     batch = model.label_batch(torch.tensor([7, 9]))
     assert batch == {"caption": ["a photo of a sneaker", "a photo of an ankle boot"]}
-    datamodule = build_datamodule(config)
+    datamodule = ImageDataModule(config.data, seed=config.seed)
     datamodule.setup("fit")
     train_batch = next(iter(datamodule.train_dataloader()))
     assert len(train_batch["caption"]) == config.data.batch_size

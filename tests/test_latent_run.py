@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from diffusionforge.cli.main import main
-from diffusionforge.runs import load_run_model
+from diffusionforge.tasks import load_run_model
 from test_autoencoder_run import TINY_VAE
 from tolerances import assert_close_scaled, float64_group_norm, reduction_depth
 

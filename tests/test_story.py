@@ -247,11 +247,28 @@ STORY = ["task=story", "model.first_stage=identity", "data.image_size=16", "data
 
 
 def _model(tiny_paths, *overrides):
-    from diffusionforge.build import build_model
+    from diffusionforge.tasks import build_model
 
     config = load_config("fashion-ddpm", [*STORY, f"model.conditioning.story.path={tiny_paths['minilm']}",
                                           "model.conditioning.class_label=null", *overrides])
     return build_model(config), config
+
+
+def test_story_grid_comes_from_the_grid_source_without_a_trainer(tiny_paths, tmp_path):
+    from diffusionforge.data.datamodule import ImageDataModule
+    from diffusionforge.models.base import NoGridSource
+    from diffusionforge.models.story import GRID_STORIES
+
+    model, config = _model(tiny_paths, "sample.steps=2")
+    with pytest.raises(NoGridSource):
+        model.write_sample_grid(tmp_path / "none.png")
+    datamodule = ImageDataModule(config.data)
+    datamodule.setup("fit")
+    stories, asked = datamodule.val_set, []
+    model.grid_source = lambda n: asked.append(n) or [stories[i] for i in range(min(n, len(stories)))]
+    assert model._trainer is None
+    path = model.write_sample_grid(tmp_path / "grid.png")
+    assert path.is_file() and (tmp_path / "latest.png").is_file() and asked == [GRID_STORIES]
 
 
 @pytest.mark.parametrize("task, rows", [("visualisation", 4 * 4), ("continuation", 4 * 3)])
@@ -296,7 +313,7 @@ def test_generation_is_autoregressive_and_keeps_a_given_first_frame(tiny_paths):
 
 
 def test_story_config_errors():
-    from diffusionforge.build import build_model
+    from diffusionforge.tasks import build_model
 
     with pytest.raises(ConfigError, match="data.image_size"):
         load_config("fashion-ddpm", ["data.story.canvas=32"])

@@ -4,7 +4,8 @@ import lightning as L
 import pytest
 import torch
 
-from diffusionforge.build import build_datamodule, build_model
+from diffusionforge.data.datamodule import ImageDataModule
+from diffusionforge.tasks import build_model
 from diffusionforge.config import load_config
 
 
@@ -22,7 +23,7 @@ def test_short_training_lowers_the_loss(tmp_path):
     config = load_config("tiny", ["data.limit_train=512", "data.batch_size=32",
                                   "trainer.max_steps=40", "optim.ema_decay=0.5"])
     L.seed_everything(0, verbose=False)
-    datamodule = build_datamodule(config)
+    datamodule = ImageDataModule(config.data, seed=config.seed)
     datamodule.setup("fit")
     model = build_model(config, datamodule.num_classes)
     batch = next(iter(datamodule.val_dataloader()))
@@ -52,7 +53,7 @@ def test_sample_shapes_and_classes_respected():
 
 def test_slow_ema_for_the_run_length_is_warned(tmp_path):
     config = load_config("tiny", ["data.limit_train=64", "data.batch_size=16", "optim.ema_decay=0.999"])
-    datamodule = build_datamodule(config)
+    datamodule = ImageDataModule(config.data, seed=config.seed)
     model = build_model(config, 10)
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False,

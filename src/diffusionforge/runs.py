@@ -1,4 +1,7 @@
-"""Run directories: create, open, find checkpoints, export and load weights.
+"""Run directories: their layout, create, open, config file, summary, checkpoint and weights paths.
+
+Pure file handling: nothing here imports model code (what a run's weights
+*mean* is its task's business, ``tasks/``).
 
 A run directory holds::
 
@@ -8,6 +11,7 @@ A run directory holds::
     .lock                   while `dforge train` runs: its pid and host (run_lock.py)
     model.safetensors       EMA weights for sampling
     model_raw.safetensors   the trained (non-EMA) weights
+    autoencoder.safetensors task=autoencoder runs: the AutoencoderKL (instead of model*.safetensors)
     first_stage.safetensors latent runs: a copy of the frozen autoencoder (config in its metadata)
     samples/                PNG grids written during validation and at the end
     logs/version_N/         metrics.csv of each fit (a resume adds a version)
@@ -20,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -29,12 +33,14 @@ from .config.loader import config_to_yaml, load_config
 from .config.schema import ExperimentConfig
 from .errors import CheckpointError, ConfigError
 from .utils.atomic import atomic_path
-from .weights import load_weights, save_weights
 
 CONFIG_FILE = "config.yaml"
 EMA_WEIGHTS = "model.safetensors"
 RAW_WEIGHTS = "model_raw.safetensors"
 FIRST_STAGE_WEIGHTS = "first_stage.safetensors"
+AUTOENCODER_WEIGHTS = "autoencoder.safetensors"  # task=autoencoder runs, instead of model*.safetensors
+SUMMARY_FILE = "train_summary.json"
+METRICS_FILE = "metrics.json"
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 RUN_DIR_ENV = "DFORGE_RUN_DIR"  # set for DDP worker processes that re-run the CLI
 
@@ -101,52 +107,13 @@ def last_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def export_weights(model, run_dir: Path) -> Path:
-    """EMA and raw sampling weights as safetensors beside config.yaml (+ the latent first stage)."""
-    meta = {"format": "diffusionforge", "config": CONFIG_FILE}
-    autoencoder = getattr(model.first_stage, "autoencoder", None)
-    if autoencoder is not None:  # the run must not depend on the autoencoder run staying around
-        save_weights(autoencoder, run_dir / FIRST_STAGE_WEIGHTS,
-                     {**meta, "autoencoder_config": json.dumps(asdict(autoencoder.config))})
-    save_weights(model.net, run_dir / RAW_WEIGHTS, meta)
-    return save_weights(model.ema.module, run_dir / EMA_WEIGHTS, meta)
-
-
-def load_first_stage_copy(run_dir: Path):
-    """The AutoencoderKL saved in a latent run (``first_stage.safetensors``)."""
-    from safetensors import SafetensorError, safe_open
-
-    from .first_stage.autoencoder import AutoencoderConfig, AutoencoderKL
-
-    path = run_dir / FIRST_STAGE_WEIGHTS
+def weights_file(run_dir: Path, name: str) -> Path:
+    """``run_dir/name``, which training exports at its end; a one-line error when it is missing."""
+    path = run_dir / name
     if not path.is_file():
-        raise CheckpointError(f"{run_dir}: latent run without {FIRST_STAGE_WEIGHTS}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            fields = json.loads((f.metadata() or {}).get("autoencoder_config", "null") or "null")
-    except (SafetensorError, OSError, ValueError) as err:  # truncated / foreign file, bad JSON metadata
-        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
-    if not isinstance(fields, dict):
-        raise CheckpointError(f"{path}: no autoencoder_config in the file's metadata")
-    try:
-        config = AutoencoderConfig(**fields)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: the autoencoder_config in the file's metadata does not fit: {err}") from None
-    return load_weights(AutoencoderKL(config), path).eval()
+        raise CheckpointError(f"{run_dir}: no exported weights ({name} missing; has training finished?)")
+    return path
 
 
-def load_run_model(run_dir: str | Path, use_ema: bool = True):
-    """The GenerativeModel of a run, with its exported weights loaded, in eval mode."""
-    from .build import build_model  # local: build imports the whole model stack
-
-    run_dir, config = open_run(run_dir)
-    if config.task not in ("diffusion", "bridge", "story"):
-        raise CheckpointError(f"{run_dir}: a task={config.task} run, not a diffusion, bridge or story model")
-    autoencoder = load_first_stage_copy(run_dir) if config.model.first_stage == "autoencoder" else None
-    model = build_model(config, autoencoder=autoencoder)
-    weights = run_dir / (EMA_WEIGHTS if use_ema else RAW_WEIGHTS)
-    if not weights.is_file():
-        raise CheckpointError(f"{run_dir}: no exported weights ({weights.name} missing; "
-                              "has training finished?)")
-    load_weights(model.ema.module if use_ema else model.net, weights)
-    return model.eval(), config
+def write_summary(run_dir: Path, summary: dict) -> None:
+    write_json(run_dir / SUMMARY_FILE, summary)

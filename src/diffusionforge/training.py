@@ -1,24 +1,42 @@
-"""The Lightning Trainer of an experiment, configured from ``TrainerConfig``.
+"""`dforge train` as a library call: the Lightning Trainer of an experiment and the run around it.
 
 Lightning owns the loop, devices, precision, accumulation, clipping,
-checkpointing, logging and DDP/FSDP; this module only translates config.
+checkpointing, logging and DDP/FSDP; this module translates the config into
+a Trainer (``make_trainer``), fits the task's module (``fit``) and, around
+that, handles the run directory: a fresh run or ``--resume``, its lock, the
+machine line, the time budget and ``train_summary.json`` (``train``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import resource
+import sys
+import time
+from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from .budget import fit_time_limit
 from .checkpoint_io import AtomicCheckpointIO
+from .checkpoints import check_resume_fits, resume_checkpoint
+from .config.loader import DEFAULT_PRESET, config_to_yaml, load_config
 from .config.schema import ExperimentConfig, TrainerConfig
+from .data.datamodule import ImageDataModule
 from .divergence import NonFiniteGuard
 from .errors import ConfigError
-from .machine import choose_precision, describe_machine
+from .machine import choose_precision, describe_machine, machine_line
+from .plotting import plot_after_fit
+from .run_lock import run_lock
+from .runs import (CONFIG_FILE, create_run_dir, last_checkpoint, open_run, run_dir_for_workers, write_summary,
+                   write_text_atomic)
+from .tasks import Task, task_of
 
 
 def resolve_precision(precision: str) -> str:
@@ -69,3 +87,92 @@ def make_trainer(config: ExperimentConfig, run_dir: Path, progress: bool = True)
         plugins=[AtomicCheckpointIO()],  # checkpoints: temp file + rename, last-prev.ckpt kept
         enable_progress_bar=progress, enable_model_summary=False,
     )
+
+
+def train(source: Optional[str] = None, overrides: Sequence[str] = (), resume: Optional[str] = None,
+          progress: bool = True, started: Optional[float] = None) -> int:
+    """Train a config (preset name or YAML file, then overrides) into a new run directory, or continue the
+    run ``resume`` from its last checkpoint. ``started``: when the command began (the time budget's zero).
+
+    Every input is checked before a run directory is made or touched; the run
+    directory is locked (``RUN/.lock``) until the run has finished or failed.
+    """
+    started = time.monotonic() if started is None else started
+    with ExitStack() as lock:
+        if resume:
+            if source is not None:
+                raise ConfigError(f"--resume takes its config from the run; drop '{source}'")
+            run_dir, config = open_run(resume, overrides)
+            lock.enter_context(run_lock(run_dir))
+            resumed = resume_checkpoint(last_checkpoint(run_dir))  # refusals leave the run untouched
+            ckpt = resumed.path
+        else:
+            config = load_config(source or DEFAULT_PRESET, overrides)
+            ckpt = resumed = None
+        task = task_of(config)
+        task.check(config)
+        check_logger(config.trainer)  # e.g. trainer.logger=tensorboard without its package
+        machine = describe_machine(config.trainer.accelerator)
+        precision, why = choose_precision(config.trainer.precision, machine)
+        datamodule = ImageDataModule(config.data, seed=config.seed)
+        datamodule.setup("fit")  # data errors surface before a run directory is made
+        config, model = task.build(config, datamodule)
+        max_time, budget = fit_time_limit(config.trainer.time_budget, config.trainer.max_time, model, started)
+        if resumed is None:
+            run_dir, config = create_run_dir(config)
+            lock.enter_context(run_lock(run_dir))
+        else:
+            check_resume_fits(model, resumed)
+            resumed = None  # release the memory-mapped checkpoint
+            write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(config))
+        print(machine_line(machine, precision, why, config.trainer.time_budget or config.trainer.max_time),
+              file=sys.stderr)  # after every input check: a refusal is one line
+        model.sample_dir = run_dir / "samples"
+        fit_config = replace(config, trainer=replace(config.trainer, max_time=max_time, precision=precision))
+        extra = {"machine": machine.as_dict(), "precision": precision, "precision_reason": why, **budget}
+        return fit(fit_config, task, model, datamodule, run_dir, ckpt, progress=progress, extra_summary=extra)
+
+
+class StartStep(L.Callback):
+    """Records the global step at which fit starts (after a resume's checkpoint is loaded)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.step = trainer.global_step
+
+
+def trainer_config(config: ExperimentConfig, model: L.LightningModule) -> ExperimentConfig:
+    """Lightning clips gradients only under automatic optimisation; manual modules clip themselves."""
+    if model.automatic_optimization:
+        return config
+    return replace(config, optim=replace(config.optim, grad_clip=0.0))
+
+
+def fit(config: ExperimentConfig, task: Task, model: L.LightningModule, datamodule, run_dir: Path,
+        ckpt: Optional[Path], progress: bool, extra_summary: Optional[dict] = None) -> int:
+    """Fit ``model``; then, on rank 0, the task's finish (weights, final grid), loss.png and the summary."""
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    trainer = make_trainer(trainer_config(config, model), run_dir, progress=progress)
+    start_step = StartStep()
+    trainer.callbacks.append(start_step)
+    start = time.time()
+    with run_dir_for_workers(run_dir):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    wall = time.time() - start
+    if not trainer.is_global_zero:
+        return 0
+    grid = task.finish(model, datamodule, run_dir, config)
+    plot_after_fit(run_dir)  # loss.png from every logs/version_N/metrics.csv of the run
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = {"wall_time_s": round(wall, 1), "global_step": trainer.global_step,
+               "resumed_from_step": start_step.step, "peak_rss_mb": round(peak_mb, 1),
+               "world_size": trainer.world_size,
+               "steps_per_s": round((trainer.global_step - start_step.step) / max(wall, 1e-9), 3),
+               **(extra_summary or {})}
+    write_summary(run_dir, summary)
+    print(f"run dir: {run_dir}\nsamples: {grid}\n"
+          f"steps {start_step.step} -> {trainer.global_step} in {wall:.0f} s, "
+          f"peak memory {peak_mb:.0f} MB", file=sys.stderr)
+    return 0

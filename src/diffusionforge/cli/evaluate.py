@@ -9,10 +9,8 @@ import sys
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..metrics.features import FEATURE_NAMES
-from ..runs import load_run_model, open_run, write_json
 from ..utils.outputs import JSON, check_output_file
-from .sample import add_sampling_arguments, request_from_args
+from .sample import add_sampling_arguments
 
 EXAMPLE = """example:
   dforge evaluate runs/fashion-ddpm-20261123-101500 --num 10000 --sampler ddim --steps 50 \\
@@ -48,7 +46,7 @@ def add_parser(sub) -> None:
     add_sampling_arguments(p, num=10000, batch_size=125, steps_nargs="+",
                            steps_help="sampling steps (default 50); bridge runs take several, "
                                       "e.g. --steps 1 2 4 (default: the run's bridge.steps)")
-    p.add_argument("--features", choices=list(FEATURE_NAMES), default=None,
+    p.add_argument("--features", default=None,
                    help="feature network for FID/KID: a shipped classifier (fashion-mnist, mnist), "
                         "efficientnet (ImageNet EfficientNet-Lite0) or inception (Inception-v3 from "
                         "local weights only); default: the classifier of the run's dataset")
@@ -57,72 +55,19 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate_run, metrics_record
-
     if args.num < 2 or any(k < 1 for k in args.steps or ()) or args.batch_size < 1:
         raise ConfigError("--num must be >= 2, --steps and --batch-size >= 1")
-    task = open_run(args.run_dir)[1].task
+    from ..runs import open_run, write_json
+    from ..tasks import EvalOptions, task_of
+
+    run_dir, config = open_run(args.run_dir)
     out = check_output_file(args.out or Path(args.run_dir) / "metrics.json", JSON)
-    if task == "autoencoder":
-        record = evaluate_autoencoder_run(args)
-    elif task == "bridge":
-        record = evaluate_bridge(args)
-    elif task == "story":
-        record = evaluate_story(args)
-    else:
-        if args.steps is not None and len(args.steps) > 1:
-            raise ConfigError(f"--steps: a diffusion run is scored at one step count, got {args.steps}")
-        args.steps = 50 if args.steps is None else args.steps[0]
-        model, config = load_run_model(args.run_dir, use_ema=not args.raw)
-        request = request_from_args(args, config)
-        result, protocol = evaluate_run(model, config, request, args.num, args.seed,
-                                        features=args.features, batch_size=args.batch_size)
-        record = metrics_record(result, protocol)
+    options = EvalOptions(num=args.num, steps=args.steps, sampler=args.sampler, eta=args.eta,
+                          guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                          use_ema=not args.raw, precision=args.precision, features=args.features)
+    record = task_of(config).evaluate(run_dir, config, options)
     out.parent.mkdir(parents=True, exist_ok=True)  # checked above: can be made
     write_json(out, record)
     print(json.dumps(record["metrics"], indent=2))
     print(f"wrote {out}", file=sys.stderr)
     return 0
-
-
-def evaluate_bridge(args: argparse.Namespace) -> dict:
-    """metrics.json of a bridge run: the translations and the baselines on the test pairs."""
-    from ..evaluation.paired import evaluate_bridge_run
-
-    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
-    steps = args.steps or [config.bridge.steps]
-    return evaluate_bridge_run(model, config, args.num, steps, batch_size=args.batch_size,
-                               features=args.features, seed=args.seed, use_ema=not args.raw,
-                               precision=args.precision)
-
-
-def evaluate_story(args: argparse.Namespace) -> dict:
-    """metrics.json of a story run: the generated test stories' scores beside the real ones'."""
-    from ..evaluation.story import evaluate_story_run, story_classifier_name
-
-    if args.steps is not None and len(args.steps) > 1:
-        raise ConfigError(f"--steps: a story run is scored at one step count, got {args.steps}")
-    args.steps = 50 if args.steps is None else args.steps[0]
-    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
-    if config.data.story.source == "hdf5":
-        raise ConfigError("data.story.source=hdf5: the story metrics need labelled stories (made from "
-                          "fashion-mnist-embedded or mnist); score PororoSV / FlintstonesSV samples with "
-                          "`dforge story` and an external FID")
-    name = story_classifier_name(config.data.story.source)
-    if args.features is not None and args.features != name:
-        raise ConfigError(f"--features: story runs are scored on the {name} classifier (crops of the "
-                          f"{config.data.story.source} items), got {args.features}")
-    request = request_from_args(args, config)
-    return evaluate_story_run(model, config, args.num, request, seed=args.seed, batch_size=args.batch_size)
-
-
-def evaluate_autoencoder_run(args: argparse.Namespace) -> dict:
-    """metrics.json of an autoencoder run: reconstruction scores and their protocol."""
-    from ..autoencoder_run import AUTOENCODER_WEIGHTS, load_autoencoder_run
-    from ..evaluation.reconstruction import evaluate_autoencoder, reconstruction_record
-
-    autoencoder, config = load_autoencoder_run(args.run_dir)
-    result, protocol = evaluate_autoencoder(autoencoder, config, args.num, args.batch_size,
-                                            features=args.features,
-                                            weights=Path(args.run_dir) / AUTOENCODER_WEIGHTS)
-    return reconstruction_record(result, protocol)

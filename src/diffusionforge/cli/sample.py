@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 
-import torch
-from tqdm import tqdm
-
 from ..errors import ConfigError
-from ..models.generative import SampleRequest
-from ..runs import load_run_model, open_run
-from ..utils.images import save_grid
 from ..utils.outputs import PNG, check_output_file
 
 EXAMPLE = """example:
@@ -22,7 +15,7 @@ EXAMPLE = """example:
 
 def add_sampling_arguments(p: argparse.ArgumentParser, num: int, batch_size: int,
                            steps_help: str = "sampling steps (default 50)", steps_nargs=None) -> None:
-    """RUN_DIR and the options shared by `sample` and `evaluate` (read by request_from_args)."""
+    """RUN_DIR and the options shared by `sample`, `story` and `evaluate` (read by request_of)."""
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `dforge train`")
     p.add_argument("--num", type=int, default=num, help=f"number of images (default {num})")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="(default ddim)")
@@ -39,6 +32,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser, num: int, batch_size: int
                         "where native (default fp32)")
 
 
+def request_of(args: argparse.Namespace, config):
+    """The sampling request of --sampler/--steps/--eta/--guidance/--raw/--precision for the run's config."""
+    from ..tasks.diffusion import sample_request
+
+    return sample_request(config, args.sampler, args.steps, args.eta, args.guidance, use_ema=not args.raw,
+                          precision=args.precision)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("sample", help="sample images from a trained run", epilog=EXAMPLE,
                        description="Sample a PNG grid from a run's exported EMA weights.",
@@ -50,54 +51,20 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def class_labels(num: int, num_classes: int | None, class_label: int | None) -> torch.Tensor | None:
-    if num_classes is None:
-        if class_label is not None:
-            raise ConfigError("--class given but the model is not class-conditional")
-        return None
-    if class_label is not None and not 0 <= class_label < num_classes:
-        raise ConfigError(f"--class must be in 0..{num_classes - 1}, got {class_label}")
-    if class_label is not None:
-        return torch.full((num,), class_label, dtype=torch.long)
-    return torch.arange(num) % num_classes
-
-
-def request_from_args(args: argparse.Namespace, config) -> SampleRequest:
-    """The sampling request of --sampler/--steps/--eta/--guidance/--raw, defaults from the run."""
-    if args.steps > config.model.process.num_timesteps:
-        raise ConfigError(f"--steps {args.steps} exceeds the process's "
-                          f"{config.model.process.num_timesteps} timesteps")
-    if not (math.isfinite(args.eta) and args.eta >= 0):
-        raise ConfigError(f"--eta: must be a number >= 0, got {args.eta}")
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise ConfigError(f"--guidance: must be a finite number, got {args.guidance}")
-    return SampleRequest(
-        sampler=args.sampler, steps=args.steps, eta=args.eta, spacing=config.sample.spacing,
-        guidance=config.sample.guidance if args.guidance is None else args.guidance,
-        guidance_channels=config.sample.guidance_channels,
-        clip_denoised=config.sample.clip_denoised, use_ema=not args.raw, precision=args.precision)
-
-
 def run(args: argparse.Namespace) -> int:
     if args.num < 1 or args.steps < 1 or args.batch_size < 1:
         raise ConfigError("--num, --steps and --batch-size must be >= 1")
     out = check_output_file(args.out, PNG)
-    config = open_run(args.run_dir)[1]  # every input is checked before the model is built
-    if config.task == "bridge":
-        raise ConfigError(f"{args.run_dir} is an image-to-image bridge run: use `dforge translate`")
-    if config.task == "story":
-        raise ConfigError(f"{args.run_dir} is a story run: use `dforge story RUN_DIR --captions ...`")
-    request = request_from_args(args, config)
-    model, config = load_run_model(args.run_dir, use_ema=not args.raw)
-    labels = class_labels(args.num, model.num_classes, args.class_label)
-    generator = torch.Generator().manual_seed(args.seed)
-    chunks = []
-    for start in tqdm(range(0, args.num, args.batch_size), desc="sampling", file=sys.stderr):
-        n = min(args.batch_size, args.num - start)
-        batch = {} if labels is None else model.label_batch(labels[start:start + n])
-        chunks.append(model.sample(batch, n, request, generator=generator))
-    images = torch.cat(chunks)
-    nrow = model.num_classes if labels is not None and args.class_label is None else None
+    from ..runs import open_run
+    from ..tasks import command_task
+    from ..tasks.diffusion import sample_images
+    from ..utils.images import save_grid
+
+    run_dir, config = open_run(args.run_dir)  # every input is checked before the model is built
+    task = command_task(config, "sample", run_dir)
+    request = request_of(args, config)
+    model = task.load(run_dir, config, use_ema=not args.raw)
+    images, nrow = sample_images(model, args.num, request, args.class_label, args.seed, args.batch_size)
     save_grid(images, out, nrow=nrow)
     print(f"wrote {len(images)} samples to {out}", file=sys.stderr)
     return 0

@@ -1,7 +1,7 @@
-"""task=autoencoder: build, finish and load a KL-autoencoder run (the first stage of LDM).
+"""task=autoencoder: build, finish, load and score a KL-autoencoder run (the first stage of LDM).
 
 `dforge train fashion-vae` trains ``AutoencoderKL`` with ``AutoencoderModule``
-through the same Lightning fit as diffusion runs (``cli.train.fit``). The run
+through the same Lightning fit as diffusion runs (``training.fit``). The run
 directory has the diffusion layout (``config.yaml``, ``checkpoints/last.ckpt``,
 ``logs/version_N/``, ``samples/``, ``train_summary.json``) with, instead of
 ``model*.safetensors``::
@@ -42,21 +42,20 @@ from typing import Optional
 
 import torch
 
-from .config.schema import ExperimentConfig
-from .data.datamodule import ImageDataModule
-from .errors import CheckpointError, ConfigError
-from .first_stage.autoencoder import AutoencoderKL
-from .losses.autoencoder_loss import AutoencoderLossConfig
-from .losses.lpips import load_lpips
-from .models.autoencoder_module import AutoencoderModule
-from .runs import CONFIG_FILE, open_run
-from .utils.images import save_grid
-from .weights import load_weights, save_weights
+from ..config.schema import ExperimentConfig
+from ..errors import CheckpointError, ConfigError
+from ..first_stage.autoencoder import AutoencoderKL
+from ..losses.autoencoder_loss import AutoencoderLossConfig
+from ..losses.lpips import load_lpips
+from ..models.autoencoder_module import AutoencoderModule
+from ..runs import AUTOENCODER_WEIGHTS, CONFIG_FILE, open_run, weights_file
+from ..utils.images import save_grid
+from ..weights import load_weights, save_weights
+from .base import EvalOptions, Task
 
-__all__ = ["AUTOENCODER_WEIGHTS", "build_autoencoder", "build_autoencoder_module",
+__all__ = ["AUTOENCODER_WEIGHTS", "AutoencoderTask", "build_autoencoder", "build_autoencoder_module",
            "finish_autoencoder_run", "load_autoencoder_run", "write_reconstruction_grid"]
 
-AUTOENCODER_WEIGHTS = "autoencoder.safetensors"
 FINAL_GRID_IMAGES = 16  # validation images (one row) above their reconstructions in final.png
 
 
@@ -103,7 +102,7 @@ def write_reconstruction_grid(autoencoder: AutoencoderKL, images: torch.Tensor, 
     return path
 
 
-def finish_autoencoder_run(model: AutoencoderModule, datamodule: ImageDataModule,
+def finish_autoencoder_run(model: AutoencoderModule, datamodule,
                            run_dir: Path, config: ExperimentConfig) -> Path:
     """After fit: export ``autoencoder.safetensors``, write ``samples/final.png``; returns the grid."""
     autoencoder = model.autoencoder
@@ -119,12 +118,48 @@ def finish_autoencoder_run(model: AutoencoderModule, datamodule: ImageDataModule
 def load_autoencoder_run(run_dir: str | Path) -> tuple[AutoencoderKL, ExperimentConfig]:
     """The trained AutoencoderKL of a task=autoencoder run (eval mode) and the run's config."""
     run_dir, config = open_run(run_dir)
-    if config.task != "autoencoder":
+    if config.task != AutoencoderTask.name:
         raise CheckpointError(f"{run_dir}: a task={config.task} run, not an autoencoder run "
                               "(train one with `dforge train fashion-vae`)")
-    path = run_dir / AUTOENCODER_WEIGHTS
-    if not path.is_file():
-        raise CheckpointError(f"{run_dir}: no exported weights ({AUTOENCODER_WEIGHTS} missing; "
-                              "has training finished?)")
-    autoencoder = load_weights(build_autoencoder(config), path)
-    return autoencoder.eval(), config
+    return load_autoencoder(run_dir, config), config
+
+
+def load_autoencoder(run_dir: Path, config: ExperimentConfig) -> AutoencoderKL:
+    """The AutoencoderKL of ``config`` with the run's exported weights, in eval mode."""
+    autoencoder = load_weights(build_autoencoder(config), weights_file(run_dir, AUTOENCODER_WEIGHTS))
+    return autoencoder.eval()
+
+
+class AutoencoderTask(Task):
+    """The KL autoencoder (LDM's first stage): reconstructions, scored by PSNR, SSIM, rFID and rKID."""
+
+    name = "autoencoder"
+    usage = "`dforge evaluate` to score it, or as model.latent.run_dir of a latent run"
+    batches_per_optimizer_step = 2  # Lightning counts the generator's and the discriminator's step
+
+    def build_model(self, config: ExperimentConfig, num_classes: Optional[int] = None,
+                    sample_dir: Optional[Path] = None, autoencoder=None) -> AutoencoderModule:
+        return build_autoencoder_module(config, sample_dir)
+
+    def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, AutoencoderModule]:
+        return config, self.build_model(config)
+
+    def finish(self, model: AutoencoderModule, datamodule, run_dir: Path, config: ExperimentConfig) -> Path:
+        return finish_autoencoder_run(model, datamodule, run_dir, config)
+
+    def load(self, run_dir: Path, config: ExperimentConfig, use_ema: bool = True) -> AutoencoderKL:
+        return load_autoencoder(run_dir, config)
+
+    def evaluate(self, run_dir: Path, config: ExperimentConfig, options: EvalOptions) -> dict:
+        """Reconstructions of the first ``options.num`` test images through the posterior mode."""
+        from ..evaluation.reconstruction import evaluate_autoencoder, reconstruction_record
+
+        result, protocol = evaluate_autoencoder(self.load(run_dir, config), config, options.num,
+                                                options.batch_size, features=options.features,
+                                                weights=run_dir / AUTOENCODER_WEIGHTS)
+        return reconstruction_record(result, protocol)
+
+    def network(self, run_dir: Path, config: ExperimentConfig, kind: str) -> tuple[AutoencoderKL, str]:
+        if kind != "vae":
+            raise CheckpointError(f"{run_dir}: a task={self.name} run has no {kind} (use --kind vae)")
+        return self.load(run_dir, config), "autoencoder run"

@@ -1,29 +1,37 @@
-"""Build the parts of an experiment from its config (explicit registries, no import strings)."""
+"""The parts every model-building task shares, built from the config (explicit registries, no import strings).
+
+The first stage (identity, or a frozen autoencoder with its latent scale),
+the conditioners, the backbone sized from the data / latent shape, the label
+conditioning; and, for runs whose weights are ``model.safetensors``, exporting
+and loading them. The tasks (``diffusion``, ``bridge``, ``story``) put these
+parts together; nothing here knows which task it is building for."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import nn
 
-from .backbones import BACKBONES
-from .conditioning import ClassEmbedder, Conditioner, ConditionerWrapper
-from .conditioning.labels import LabelConditioning
-from .conditioning.latents_concat import LatentsConcat
-from .conditioning.spatial import SpatialConcat
-from .conditioning.story import StoryConditioner
-from .conditioning.text import TextConditioner
-from .config.schema import ExperimentConfig
-from .data.captions import caption_names
-from .data.datamodule import ImageDataModule
-from .errors import ConfigError
-from .first_stage import IdentityFirstStage
-from .first_stage.latent import LatentFirstStage
-from .models.generative import GenerativeModel
-from .processes.gaussian import GaussianDiffusion
+from ..backbones import BACKBONES
+from ..conditioning import ClassEmbedder, Conditioner, ConditionerWrapper
+from ..conditioning.labels import LabelConditioning
+from ..conditioning.latents_concat import LatentsConcat
+from ..conditioning.spatial import SpatialConcat
+from ..conditioning.story import StoryConditioner
+from ..conditioning.text import TextConditioner
+from ..config.schema import ExperimentConfig
+from ..data.captions import caption_names
+from ..errors import CheckpointError, ConfigError
+from ..first_stage import IdentityFirstStage
+from ..first_stage.autoencoder import AutoencoderConfig, AutoencoderKL
+from ..first_stage.latent import LatentFirstStage, estimate_scale_factor
+from ..runs import CONFIG_FILE, EMA_WEIGHTS, FIRST_STAGE_WEIGHTS, RAW_WEIGHTS, weights_file
+from ..weights import load_weights, save_weights
+from .autoencoder import load_autoencoder_run
 
 
 def build_conditioner(config: ExperimentConfig, shape: tuple[int, int, int]) -> ConditionerWrapper:
@@ -84,8 +92,6 @@ def load_latent_autoencoder(config: ExperimentConfig):
     if config.model.latent.run_dir is None:
         raise ConfigError("model.latent.run_dir: latent diffusion needs a trained autoencoder run "
                           "(e.g. `dforge train fashion-vae`)")
-    from .autoencoder_run import load_autoencoder_run
-
     return load_autoencoder_run(config.model.latent.run_dir)[0]
 
 
@@ -97,14 +103,17 @@ def diffusion_shape(config: ExperimentConfig, first_stage: nn.Module) -> tuple[i
 
 
 def build_backbone(config: ExperimentConfig, conditioner: ConditionerWrapper,
-                   shape: Optional[tuple[int, int, int]] = None) -> nn.Module:
-    """The backbone with its sizes derived from data/latents ``shape`` (C, H, W), process and conditioning."""
+                   shape: Optional[tuple[int, int, int]] = None, learned_variance: bool = False) -> nn.Module:
+    """The backbone with its sizes derived from data/latents ``shape`` (C, H, W) and the conditioning.
+
+    ``learned_variance``: the process also predicts a variance (DiT's learned sigma), which
+    doubles the output channels.
+    """
     model = config.model
     config_cls, backbone_cls = BACKBONES[model.backbone]
     size = config.data.image_size
     channels, height, width = (config.data.channels, size, size) if shape is None else shape
-    learned = config.task != "bridge" and model.process.variance_type == "learned_range"
-    derived = dict(in_channels=channels, out_channels=channels * (2 if learned else 1),
+    derived = dict(in_channels=channels, out_channels=channels * (2 if learned_variance else 1),
                    vector_dim=conditioning_dim(conditioner, "vector"),
                    context_dim=conditioning_dim(conditioner, "crossattn"),
                    concat_channels=conditioning_dim(conditioner, "concat") or 0)
@@ -134,80 +143,7 @@ def label_conditioning(config: ExperimentConfig) -> Optional[LabelConditioning]:
         caption_names=names)
 
 
-def build_model(config: ExperimentConfig, num_classes: Optional[int] = None,
-                sample_dir: Optional[Path] = None, autoencoder=None) -> GenerativeModel:
-    """The GenerativeModel of a config; ``autoencoder`` overrides loading model.latent.run_dir."""
-    class_cfg = config.model.conditioning.class_label
-    if class_cfg is not None and num_classes is not None and class_cfg.num_classes != num_classes:
-        raise ConfigError(f"model.conditioning.class_label.num_classes is {class_cfg.num_classes} "
-                          f"but the dataset '{config.data.name}' has {num_classes} classes")
-    first_stage = build_first_stage(config, autoencoder)
-    shape = diffusion_shape(config, first_stage)
-    conditioner = build_conditioner(config, shape)
-    backbone = build_backbone(config, conditioner, shape=shape)
-    parts = dict(backbone=backbone, conditioner=conditioner, first_stage=first_stage, latent_shape=shape,
-                 optim=config.optim, sample=config.sample, labels=label_conditioning(config),
-                 sample_dir=sample_dir)
-    if config.task == "bridge":
-        return build_bridge_model(config, parts)
-    if config.task == "story":
-        return build_story_model(config, parts)
-    if config.data.story is not None:
-        raise ConfigError("data.story: stories are trained by task=story (set task=story)")
-    return GenerativeModel(process=GaussianDiffusion(config.model.process), **parts)
-
-
-def build_bridge_model(config: ExperimentConfig, parts: dict):
-    """task=bridge: the BridgeModel on paired data (``data.degradation``)."""
-    from .losses.pixel import PixelLoss
-    from .models.bridge import BridgeModel
-    from .processes.bridge import BridgeMatching
-
-    task = config.bridge
-    if config.data.degradation is None:
-        raise ConfigError("data.degradation: task=bridge trains on (source, target) pairs; set "
-                          "data.degradation.task (super_resolution, inpainting, denoising, deblurring)")
-    process = task.process
-    pixel_loss = None
-    if process.pixel_loss_weight > 0:
-        lpips = None
-        if process.pixel_loss_type == "lpips":
-            from .losses.lpips import load_lpips
-
-            lpips = load_lpips(task.lpips_vgg, task.lpips_lin)
-            if lpips is None:
-                raise ConfigError("bridge.process.pixel_loss_type=lpips: no LPIPS weights found; set "
-                                  "bridge.lpips_vgg and bridge.lpips_lin (or use l2 / l1)")
-        pixel_loss = PixelLoss(process.pixel_loss_type, process.pixel_loss_max_size,
-                               process.pixel_loss_window, lpips)
-    paste_key = task.paste_key if config.data.degradation.task == "inpainting" else None
-    return BridgeModel(process=BridgeMatching(process), source_key=task.source_key, paste_key=paste_key,
-                       sample_steps=task.steps, pixel_loss=pixel_loss, **parts)
-
-
-def build_story_model(config: ExperimentConfig, parts: dict):
-    """task=story: the StoryModel (AR-LDM) on data.story with the story conditioner."""
-    from .models.story import StoryModel
-
-    if config.data.story is None:
-        raise ConfigError("data.story: task=story trains on stories; set data.story (e.g. data.story.frames=4)")
-    if config.model.conditioning.story is None:
-        raise ConfigError("model.conditioning.story: task=story needs the story conditioner "
-                          "(e.g. model.conditioning.story.dim=128)")
-    others = [name for name in ("class_label", "text", "concat", "latents_concat")
-              if getattr(config.model.conditioning, name) is not None]
-    if others:
-        raise ConfigError(f"model.conditioning.{others[0]}: task=story is conditioned by "
-                          "model.conditioning.story only")
-    return StoryModel(process=GaussianDiffusion(config.model.process), story_task=config.story.task,
-                      frames=config.data.story.frames, **parts)
-
-
-def build_datamodule(config: ExperimentConfig) -> ImageDataModule:
-    return ImageDataModule(config.data, seed=config.seed)
-
-
-def prepare_first_stage(config: ExperimentConfig, datamodule: ImageDataModule):
+def prepare_first_stage(config: ExperimentConfig, datamodule):
     """Load the frozen autoencoder of a latent config and fix its latent scale.
 
     Returns ``(config, autoencoder)``; ``autoencoder`` is None in pixel space.
@@ -218,8 +154,6 @@ def prepare_first_stage(config: ExperimentConfig, datamodule: ImageDataModule):
     """
     if config.model.first_stage != "autoencoder":
         return config, None
-    from .first_stage.latent import estimate_scale_factor
-
     latent = config.model.latent
     autoencoder = load_latent_autoencoder(config)
     scale = latent.scale_factor if latent.scale_factor is not None else autoencoder.config.scaling_factor
@@ -238,3 +172,93 @@ def prepare_first_stage(config: ExperimentConfig, datamodule: ImageDataModule):
 def _images_of(item: dict) -> torch.Tensor:
     """A training item's images as (N, C, H, W): its image, or every frame of a story."""
     return item["frames"] if "frames" in item else item["image"].unsqueeze(0)
+
+
+def model_parts(config: ExperimentConfig, autoencoder=None, sample_dir: Optional[Path] = None,
+                learned_variance: bool = False) -> dict:
+    """The keyword arguments every model built on a backbone shares (GenerativeModel and its kin)."""
+    first_stage = build_first_stage(config, autoencoder)
+    shape = diffusion_shape(config, first_stage)
+    conditioner = build_conditioner(config, shape)
+    backbone = build_backbone(config, conditioner, shape=shape, learned_variance=learned_variance)
+    return dict(backbone=backbone, conditioner=conditioner, first_stage=first_stage, latent_shape=shape,
+                optim=config.optim, sample=config.sample, labels=label_conditioning(config),
+                sample_dir=sample_dir)
+
+
+def check_num_classes(config: ExperimentConfig, num_classes: Optional[int]) -> None:
+    """The class conditioner must have as many classes as the dataset."""
+    class_cfg = config.model.conditioning.class_label
+    if class_cfg is not None and num_classes is not None and class_cfg.num_classes != num_classes:
+        raise ConfigError(f"model.conditioning.class_label.num_classes is {class_cfg.num_classes} "
+                          f"but the dataset '{config.data.name}' has {num_classes} classes")
+
+
+def check_class_labels(config: ExperimentConfig, datamodule) -> None:
+    """A class-conditional config needs a dataset with class labels."""
+    if config.model.conditioning.class_label is not None and datamodule.num_classes is None:
+        raise ConfigError(f"model.conditioning.class_label: data.name={config.data.name} has no class labels "
+                          "(an image folder needs one sub-folder per class); set model.conditioning.class_label=null")
+
+
+def validation_items(datamodule):
+    """The grid source of a model: ``count`` -> the first items of the validation set (training set when
+    data.val_size=0)."""
+    def items(count: int) -> list[dict]:
+        dataset = datamodule.val_set if datamodule.val_set is not None and len(datamodule.val_set) \
+            else datamodule.train_set
+        return [dataset[i] for i in range(min(count, len(dataset)))]
+    return items
+
+
+def export_weights(model, run_dir: Path) -> Path:
+    """EMA and raw sampling weights as safetensors beside config.yaml (+ the latent first stage)."""
+    meta = {"format": "diffusionforge", "config": CONFIG_FILE}
+    autoencoder = getattr(model.first_stage, "autoencoder", None)
+    if autoencoder is not None:  # the run must not depend on the autoencoder run staying around
+        save_weights(autoencoder, run_dir / FIRST_STAGE_WEIGHTS,
+                     {**meta, "autoencoder_config": json.dumps(dataclasses.asdict(autoencoder.config))})
+    save_weights(model.net, run_dir / RAW_WEIGHTS, meta)
+    return save_weights(model.ema.module, run_dir / EMA_WEIGHTS, meta)
+
+
+def load_first_stage_copy(run_dir: Path) -> AutoencoderKL:
+    """The AutoencoderKL saved in a latent run (``first_stage.safetensors``)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = run_dir / FIRST_STAGE_WEIGHTS
+    if not path.is_file():
+        raise CheckpointError(f"{run_dir}: latent run without {FIRST_STAGE_WEIGHTS}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            fields = json.loads((f.metadata() or {}).get("autoencoder_config", "null") or "null")
+    except (SafetensorError, OSError, ValueError) as err:  # truncated / foreign file, bad JSON metadata
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    if not isinstance(fields, dict):
+        raise CheckpointError(f"{path}: no autoencoder_config in the file's metadata")
+    try:
+        config = AutoencoderConfig(**fields)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: the autoencoder_config in the file's metadata does not fit: {err}") from None
+    return load_weights(AutoencoderKL(config), path).eval()
+
+
+def load_exported(model, run_dir: Path, use_ema: bool = True):
+    """``model`` with the run's exported weights (EMA or raw) loaded, in eval mode."""
+    weights = weights_file(run_dir, EMA_WEIGHTS if use_ema else RAW_WEIGHTS)
+    load_weights(model.ema.module if use_ema else model.net, weights)
+    return model.eval()
+
+
+def run_first_stage(run_dir: Path, config: ExperimentConfig):
+    """The autoencoder copy a latent run carries (None in pixel space)."""
+    return load_first_stage_copy(run_dir) if config.model.first_stage == "autoencoder" else None
+
+
+def first_stage_network(run_dir: Path, config: ExperimentConfig, kind: str):
+    """`dforge convert --kind vae` of a run on a first stage: its frozen autoencoder copy."""
+    if kind != "vae":
+        raise CheckpointError(f"{run_dir}: a task={config.task} run has no {kind} (use --kind vae)")
+    if config.model.first_stage != "autoencoder":
+        raise CheckpointError(f"{run_dir}: a pixel-space run has no vae (use --kind unet)")
+    return load_first_stage_copy(run_dir), "latent run's first stage"

@@ -10,9 +10,13 @@ the same file overwrites.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+from ..errors import CheckpointError
 
 
 def temporary_name(path: Path) -> Path:
@@ -31,3 +35,37 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_folder_atomically(dst: Path, write: Callable[[Path], Any]) -> Path:
+    """Run ``write(folder)`` on a temporary folder beside ``dst``, then rename it to ``dst`` (replacing it)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp creates 0700
+        _replace_folder(tmp, dst)
+    except OSError as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"--out {dst}: cannot write: {reason}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
+    return dst
+
+
+def _replace_folder(new: Path, dst: Path) -> None:
+    """Rename ``new`` to ``dst``; a non-empty ``dst`` is moved aside first and deleted after."""
+    old = None
+    if dst.is_dir() and any(dst.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        os.replace(dst, old)
+    try:
+        os.replace(new, dst)
+    except OSError:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old)

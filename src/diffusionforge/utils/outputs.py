@@ -40,3 +40,14 @@ def check_output_file(path: str | Path, suffixes: tuple[str, ...], option: str =
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a folder; give a file name")
     return path
+
+
+def check_output_folder(src: Path, dst: Path, overwrite: bool) -> None:
+    """Refuse a DST that is a file, non-empty (without --overwrite), SRC itself or a folder holding SRC."""
+    if dst.exists() and not dst.is_dir():
+        raise ConfigError(f"--out {dst}: exists and is not a folder")
+    if dst.is_dir() and any(dst.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {dst}: exists and is not empty (pass --overwrite to replace it)")
+    src_abs, dst_abs = src.resolve(), dst.resolve()
+    if dst_abs == src_abs or dst_abs in src_abs.parents:
+        raise ConfigError(f"--out {dst}: would replace SRC {src}; choose another folder")

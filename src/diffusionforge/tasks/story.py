@@ -1,0 +1,131 @@
+"""task=story: AR-LDM, autoregressive story generation frame by frame, used by `dforge story`.
+
+`dforge train fashion-arldm` builds a ``StoryModel`` (latent diffusion whose
+only conditioner is the story conditioner: each frame's caption and the
+(caption, frame) history before it) on ``data.story`` stories. `dforge story`
+generates a story from captions (and a first frame for continuation runs);
+`dforge evaluate` scores the generated test stories beside the real ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from ..config.schema import ExperimentConfig
+from ..errors import ConfigError, DataError
+from ..models.generative import SampleRequest
+from ..models.story import StoryModel
+from ..processes.gaussian import GaussianDiffusion
+from ..utils.images import load_image
+from .base import EvalOptions, Task
+from .diffusion import one_step_count, sample_request
+from .parts import (check_num_classes, export_weights, first_stage_network, load_exported, model_parts,
+                    prepare_first_stage, run_first_stage, validation_items)
+
+
+def build_story_model(config: ExperimentConfig, num_classes: Optional[int] = None,
+                      sample_dir: Optional[Path] = None, autoencoder=None) -> StoryModel:
+    """The StoryModel (AR-LDM) of a task=story config: data.story with the story conditioner."""
+    check_num_classes(config, num_classes)
+    if config.data.story is None:
+        raise ConfigError("data.story: task=story trains on stories; set data.story (e.g. data.story.frames=4)")
+    if config.model.conditioning.story is None:
+        raise ConfigError("model.conditioning.story: task=story needs the story conditioner "
+                          "(e.g. model.conditioning.story.dim=128)")
+    others = [name for name in ("class_label", "text", "concat", "latents_concat")
+              if getattr(config.model.conditioning, name) is not None]
+    if others:
+        raise ConfigError(f"model.conditioning.{others[0]}: task=story is conditioned by "
+                          "model.conditioning.story only")
+    learned = config.model.process.variance_type == "learned_range"
+    return StoryModel(process=GaussianDiffusion(config.model.process), story_task=config.story.task,
+                      frames=config.data.story.frames,
+                      **model_parts(config, autoencoder, sample_dir, learned_variance=learned))
+
+
+def story_inputs(config: ExperimentConfig, captions: Sequence[str],
+                 first_frame: Optional[str] = None) -> tuple[list[str], Optional[torch.Tensor]]:
+    """The checked captions and the first frame (1, C, H, W) of `dforge story`, before any model is built."""
+    frames = config.data.story.frames
+    captions = [c.strip() for c in captions]
+    if len(captions) > frames:
+        raise ConfigError(f"--captions: {len(captions)} captions, but this run tells stories of at most "
+                          f"{frames} frames")
+    if any(not c for c in captions):
+        raise ConfigError("--captions: a caption is empty")
+    first = None
+    if first_frame is not None:
+        size = config.data.image_size
+        first = load_image(first_frame, config.data.channels)
+        if tuple(first.shape[-2:]) != (size, size):
+            raise DataError(f"{first_frame}: is {first.shape[-1]}x{first.shape[-2]}; this run's frames "
+                            f"are {size}x{size}")
+    elif config.story.task == "continuation":
+        raise ConfigError("--first-frame: this run continues stories (story.task=continuation); give frame 0")
+    if first is not None and len(captions) < 2:
+        raise ConfigError("--captions: with --first-frame give its caption and at least one more")
+    return captions, first
+
+
+def generate_stories(model: StoryModel, captions: list[str], request: SampleRequest, num: int = 1,
+                     first: Optional[torch.Tensor] = None, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
+    """``num`` stories (num, n, C, H, W) in [-1, 1] from the same captions, from one seeded generator."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for start in range(0, num, batch_size):
+        n = min(batch_size, num - start)
+        given = None if first is None else first.expand(n, -1, -1, -1)
+        rows.append(model.generate([captions] * n, request, first_frames=given, generator=generator))
+    return torch.cat(rows)
+
+
+class StoryTask(Task):
+    """Stories of frames generated one after another, each from its caption and the story so far."""
+
+    name = "story"
+    commands = frozenset({"story"})
+    usage = "`dforge story RUN_DIR --captions ...`"
+
+    def build_model(self, config: ExperimentConfig, num_classes: Optional[int] = None,
+                    sample_dir: Optional[Path] = None, autoencoder=None):
+        return build_story_model(config, num_classes, sample_dir, autoencoder)
+
+    def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, StoryModel]:
+        config, autoencoder = prepare_first_stage(config, datamodule)
+        model = self.build_model(config, datamodule.num_classes, autoencoder=autoencoder)
+        model.grid_source = validation_items(datamodule)
+        return config, model
+
+    def finish(self, model: StoryModel, datamodule, run_dir: Path, config: ExperimentConfig) -> Path:
+        """Export the weights; samples/final.png: real validation stories above generated ones."""
+        export_weights(model, run_dir)
+        return model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
+
+    def load(self, run_dir: Path, config: ExperimentConfig, use_ema: bool = True) -> StoryModel:
+        model = self.build_model(config, autoencoder=run_first_stage(run_dir, config))
+        return load_exported(model, run_dir, use_ema)
+
+    def evaluate(self, run_dir: Path, config: ExperimentConfig, options: EvalOptions) -> dict:
+        """FID per frame, caption / position / size accuracy and identity consistency of the test stories."""
+        from ..evaluation.story import evaluate_story_run, story_classifier_name
+
+        steps = one_step_count(options.steps, 50, "story")
+        if config.data.story.source == "hdf5":
+            raise ConfigError("data.story.source=hdf5: the story metrics need labelled stories (made from "
+                              "fashion-mnist-embedded or mnist); score PororoSV / FlintstonesSV samples with "
+                              "`dforge story` and an external FID")
+        name = story_classifier_name(config.data.story.source)
+        if options.features is not None and options.features != name:
+            raise ConfigError(f"--features: story runs are scored on the {name} classifier (crops of the "
+                              f"{config.data.story.source} items), got {options.features}")
+        request = sample_request(config, options.sampler, steps, options.eta, options.guidance,
+                                 options.use_ema, options.precision)
+        model = self.load(run_dir, config, options.use_ema)
+        return evaluate_story_run(model, config, options.num, request, seed=options.seed,
+                                  batch_size=options.batch_size)
+
+    def network(self, run_dir: Path, config: ExperimentConfig, kind: str):
+        return first_stage_network(run_dir, config, kind)
