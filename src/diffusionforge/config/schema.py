@@ -4,7 +4,8 @@ YAML files and ``key.sub=value`` overrides are merged onto it by
 ``config.loader.load_config`` and validated before any work starts. Every
 component owns the dataclass of its own settings (``UNetConfig`` beside the
 UNet, ``GaussianDiffusionConfig`` beside the process, ...); this module only
-composes them.
+composes them, from each package's torch-free ``config.py``, so loading a config
+imports neither torch nor Lightning (``tests/test_startup.py``).
 """
 
 from __future__ import annotations
@@ -12,18 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ..backbones.dit import DiTConfig
-from ..backbones.unet import UNetConfig
-from ..conditioning.class_label import ClassLabelConfig
-from ..conditioning.latents_concat import LatentsConcatConfig
-from ..conditioning.spatial import ConcatConditionerConfig
-from ..conditioning.story import StoryConditionerConfig
-from ..conditioning.text import TextConditionerConfig
-from ..data.datamodule import DataConfig
-from ..first_stage.autoencoder import AutoencoderConfig
-from ..losses.autoencoder_loss import AutoencoderLossConfig
-from ..processes.bridge import BridgeMatchingConfig
-from ..processes.gaussian import GaussianDiffusionConfig
+from ..backbones.config import DiTConfig, UNetConfig
+from ..conditioning.config import (ClassLabelConfig, ConcatConditionerConfig, LatentsConcatConfig,
+                                   StoryConditionerConfig, TextConditionerConfig)
+from ..data.config import DataConfig
+from ..first_stage.config import AutoencoderConfig
+from ..losses.config import AutoencoderLossConfig
+from ..processes.config import BridgeMatchingConfig, GaussianDiffusionConfig
 from .trainer_values import check_trainer_values
 
 

@@ -2,29 +2,25 @@
 
 | module          | concept                                                     |
 |-----------------|-------------------------------------------------------------|
+| ``config``      | ``DataConfig``, ``DegradationConfig``, ``StoryConfig``:       |
+|                 | the ``data`` settings and their checks (no torch)            |
 | ``idx``         | ``read_idx`` / ``write_idx`` for (gzip) idx files             |
 | ``folder``      | ``ImageFolderDataset``: PNG/JPG files, optional class folders |
 | ``embedded``    | the Fashion-MNIST subset shipped inside the package           |
 | ``datasets``    | ``ArrayImageDataset`` and the ``DATASETS`` registry            |
-| ``degradations``| ``DegradationConfig``, ``PairedDataset``: (source, target)    |
-|                 | pairs for image-to-image (SR, inpainting, denoise, deblur)    |
+| ``degradations``| ``PairedDataset``: (source, target) pairs for image-to-image  |
+|                 | (SR, inpainting, denoise, deblur)                             |
 | ``stories``     | ``StoryDataset``: multi-frame stories of one Fashion-MNIST /  |
 |                 | MNIST instance with grammar captions (AR-LDM)                 |
 | ``story_hdf5``  | ``StoryHDF5Dataset``: PororoSV / FlintstonesSV in ARLDM's HDF5 |
-| ``datamodule``  | ``DataConfig`` and the Lightning ``ImageDataModule``          |
+| ``datamodule``  | the Lightning ``ImageDataModule``                             |
 
 Items are dicts ``{"image": float (C, H, W) in [-1, 1], "class_label": long ()}``.
-``DataConfig`` and ``ImageDataModule`` are imported on first use, so reading
-data does not pay for importing Lightning.
+Every name here is imported on first use, so reading the config does not
+import torch and reading data does not import Lightning.
 """
 
-import importlib
-from typing import Any
-
-from diffusionforge.data.datasets import DATASETS, ArrayImageDataset, build_dataset
-from diffusionforge.data.embedded import load_embedded
-from diffusionforge.data.folder import ImageFolderDataset
-from diffusionforge.data.idx import read_idx, write_idx
+from diffusionforge.utils.lazy import lazy_attributes
 
 __all__ = [
     "DATASETS",
@@ -38,10 +34,14 @@ __all__ = [
     "write_idx",
 ]
 
-_LAZY = {"DataConfig": "diffusionforge.data.datamodule", "ImageDataModule": "diffusionforge.data.datamodule"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, {
+    "DATASETS": ".datasets",
+    "ArrayImageDataset": ".datasets",
+    "DataConfig": ".config",
+    "ImageDataModule": ".datamodule",
+    "ImageFolderDataset": ".folder",
+    "build_dataset": ".datasets",
+    "load_embedded": ".embedded",
+    "read_idx": ".idx",
+    "write_idx": ".idx",
+})

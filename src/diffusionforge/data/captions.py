@@ -8,7 +8,7 @@ template stays a plain ``str.format``.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 from torch.utils.data import Dataset
 
@@ -36,12 +36,6 @@ def caption_names(data_name: str) -> tuple[str, ...]:
 def make_captions(template: str, names: Sequence[str], labels) -> list[str]:
     """template.format(name of each label) for an iterable of integer labels."""
     return [template.format(names[int(label)]) for label in labels]
-
-
-def check_template(template: Optional[str]) -> None:
-    if template is not None and template.count("{}") != 1:
-        raise ConfigError(f"data.caption_template: needs exactly one '{{}}' for the class name, "
-                          f"got {template!r}")
 
 
 class Captioned(Dataset):

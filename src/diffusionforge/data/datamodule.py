@@ -1,4 +1,4 @@
-"""``DataConfig`` and the ``ImageDataModule`` that turns it into data loaders.
+"""The ``ImageDataModule`` that turns a ``DataConfig`` (``config.py``) into data loaders.
 
 Splits built by ``setup`` (``seed`` fixes them):
 
@@ -39,112 +39,18 @@ by (``seed``, index).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Literal, Optional, get_args
+from typing import Literal, Optional
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from diffusionforge.data.captions import Captioned, caption_names, check_template
+from diffusionforge.data.captions import Captioned, caption_names
+from diffusionforge.data.config import DataConfig
 from diffusionforge.data.datasets import build_dataset
-from diffusionforge.data.degradations import DegradationConfig, PairedDataset, check_image_size
-from diffusionforge.data.stories import StoryConfig, StoryDataset, collate_stories
+from diffusionforge.data.degradations import PairedDataset
+from diffusionforge.data.stories import StoryDataset, collate_stories
 from diffusionforge.errors import ConfigError
-
-DatasetName = Literal["fashion-mnist-embedded", "fashion-mnist", "mnist", "folder", "skimage-photos"]
-BUILT_IN = ("fashion-mnist-embedded", "skimage-photos")  # sources that ship their images (no data.root)
-MIN_IMAGE_SIZE = 8  # smallest side the backbones downsample sensibly
-
-
-@dataclass
-class DataConfig:
-    """Which images to train on and how to batch them (YAML section ``data``)."""
-
-    name: DatasetName = "fashion-mnist-embedded"  # source, see datasets.DATASETS
-    root: Optional[str] = None  # folder with the dataset files; None = embedded / Debian location
-    image_size: int = 28  # images are resized (folder) or zero-padded (idx, if larger) to this
-    channels: int = 1  # 1 = grayscale, 3 = RGB (gray sources are repeated)
-    batch_size: int = 128  # images per training step (per device)
-    num_workers: int = 0  # DataLoader worker processes; 0 loads in the main process
-    val_size: int = 100  # images held out from the train split for validation (loss + sample grids)
-    limit_train: Optional[int] = None  # use only the first N training images (tests / quick runs)
-    hflip: bool = False  # random horizontal flip augmentation (train split only)
-    caption_template: Optional[str] = None  # e.g. "a photo of {}": adds batch["caption"] from class names
-    degradation: Optional[DegradationConfig] = None  # image-to-image pairs: adds batch["source"] (+ "mask")
-    story: Optional[StoryConfig] = None  # stories (task=story): batches of frames + captions, see stories.py
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """ConfigError naming ``data.<field>`` for the first bad value."""
-        if self.name not in get_args(DatasetName):
-            raise ConfigError(f"data.name: {self.name!r} is not one of {', '.join(get_args(DatasetName))}")
-        if self.name in BUILT_IN and self.root is not None:
-            raise ConfigError(f"data.root: not used by data.name={self.name}; "
-                              "set data.name=fashion-mnist (or mnist, folder) to read it")
-        minimums = {"image_size": MIN_IMAGE_SIZE, "batch_size": 1, "num_workers": 0, "val_size": 0}
-        for key, minimum in minimums.items():
-            value = getattr(self, key)
-            if not _is_int(value) or value < minimum:
-                raise ConfigError(f"data.{key}: must be an integer >= {minimum}, got {value!r}")
-        if self.channels not in (1, 3) or not _is_int(self.channels):
-            raise ConfigError(f"data.channels: must be 1 or 3, got {self.channels!r}")
-        if self.limit_train is not None and (not _is_int(self.limit_train) or self.limit_train < 1):
-            raise ConfigError(f"data.limit_train: must be None or an integer >= 1, got {self.limit_train!r}")
-        if not isinstance(self.hflip, bool):
-            raise ConfigError(f"data.hflip: must be true or false, got {self.hflip!r}")
-        check_template(self.caption_template)
-        self.degradation = _as_section(self.degradation, DegradationConfig, "degradation")
-        if self.degradation is not None:
-            check_image_size(self.degradation, self.image_size)
-        self.story = _as_section(self.story, StoryConfig, "story")
-        if self.story is not None:
-            self._check_story()
-
-    def _check_story(self) -> None:
-        """Story frames are the images: the canvas fixes image_size, stories are grey, no pairs or templates.
-
-        HDF5 stories (PororoSV / FlintstonesSV) are RGB frames resized to image_size.
-        """
-        story = self.story
-        if story.source == "hdf5":
-            if self.channels != 3:
-                raise ConfigError(f"data.channels: HDF5 stories are RGB (3 channels), got {self.channels}")
-        elif self.image_size != story.canvas:
-            raise ConfigError(f"data.image_size: must equal data.story.canvas ({story.canvas}) for stories, "
-                              f"got {self.image_size}")
-        elif self.channels != 1:
-            raise ConfigError(f"data.channels: stories are grey (1 channel), got {self.channels}")
-        for key in ("degradation", "caption_template", "limit_train"):
-            if getattr(self, key) is not None:
-                raise ConfigError(f"data.{key}: not used with data.story (stories carry their own captions; "
-                                  "size the splits with data.story.train_stories etc.)")
-        if self.batch_size > story.train_stories:
-            raise ConfigError(f"data.batch_size: {self.batch_size} exceeds data.story.train_stories "
-                              f"({story.train_stories}); no full batch would remain")
-
-
-def _as_section(value: object, cls: type, key: str):
-    """None, a validated ``cls`` instance, or one built from a mapping of its fields (section ``data.<key>``)."""
-    if value is None:
-        return None
-    if isinstance(value, cls):
-        value.validate()
-        return value
-    if not isinstance(value, Mapping):
-        raise ConfigError(f"data.{key}: must be a mapping of {key} keys or null, got {value!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(str(k) for k in value if k not in known)
-    if unknown:
-        raise ConfigError(f"data.{key}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    return cls(**dict(value))
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class RandomHFlip(Dataset):

@@ -34,82 +34,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Union, get_args
+from typing import Union, get_args
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from diffusionforge.errors import ConfigError
+from diffusionforge.data.config import DegradationConfig, UpsampleMode
 
-Task = Literal["super_resolution", "inpainting", "denoising", "deblurring"]
-UpsampleMode = Literal["bicubic", "bilinear", "nearest"]
-MaskKind = Literal["box", "free_form", "mixed"]
-KEY = "data.degradation"  # YAML section, the prefix of every ConfigError message
 MIN_BRUSH_RADIUS = 0.5  # pixels: the thinnest brush still paints the pixel it passes over
 SEED_BITS = 64  # (seed, index) are mixed by numpy's SeedSequence into a 64-bit generator seed
-
-
-@dataclass
-class DegradationConfig:
-    """How the source of each (source, target) pair is made (YAML section ``data.degradation``)."""
-
-    task: Task = "super_resolution"  # which degradation D makes the source y = D(x)
-    scale: int = 4  # super_resolution: mean over scale x scale blocks, then upsample back to full size
-    upsample: UpsampleMode = "bicubic"  # super_resolution: low-res -> full size (bicubic is clamped to [-1, 1])
-    mask: MaskKind = "mixed"  # inpainting: box rectangles, free_form brush strokes, or either with prob 1/2
-    box_min: float = 0.25  # box: shortest rectangle side, fraction of the image side
-    box_max: float = 0.5  # box: longest rectangle side, fraction of the image side (< 1)
-    strokes: int = 4  # free_form: each mask paints 1..strokes brush strokes
-    vertices: int = 6  # free_form: each stroke is a polyline of 1..vertices straight segments
-    stroke_width_min: float = 0.08  # free_form: thinnest brush, fraction of the shorter image side
-    stroke_width_max: float = 0.2  # free_form: widest brush, fraction of the shorter image side (<= 0.5)
-    stroke_length: float = 0.4  # free_form: longest segment, fraction of the shorter image side
-    fill: float = 0.0  # inpainting: value in [-1, 1] written into the hole of the source
-    noise_std: float = 0.2  # denoising: Gaussian noise std in [-1, 1] units; the source is clamped to [-1, 1]
-    blur_sigma: float = 1.5  # deblurring: Gaussian std in pixels (kernel radius ceil(3 sigma), reflect padding)
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """ConfigError naming ``data.degradation.<field>`` for the first bad value."""
-        for name, kind in (("task", Task), ("upsample", UpsampleMode), ("mask", MaskKind)):
-            if getattr(self, name) not in get_args(kind):
-                raise ConfigError(f"{KEY}.{name}: {getattr(self, name)!r} is not one of "
-                                  f"{', '.join(get_args(kind))}")
-        for name, minimum in (("scale", 2), ("strokes", 1), ("vertices", 1)):
-            value = getattr(self, name)
-            if not _is_int(value) or value < minimum:
-                raise ConfigError(f"{KEY}.{name}: must be an integer >= {minimum}, got {value!r}")
-        _check_range("box_min", self.box_min, 0.0, 1.0, "0 < box_min < 1")
-        _check_range("box_max", self.box_max, self.box_min, 1.0, f"box_min ({self.box_min}) <= box_max < 1",
-                     low_open=False)
-        _check_range("stroke_width_min", self.stroke_width_min, 0.0, 0.5, "0 < stroke_width_min <= 0.5",
-                     high_open=False)
-        _check_range("stroke_width_max", self.stroke_width_max, self.stroke_width_min, 0.5,
-                     f"stroke_width_min ({self.stroke_width_min}) <= stroke_width_max <= 0.5",
-                     low_open=False, high_open=False)
-        _check_range("stroke_length", self.stroke_length, 0.0, 1.0, "0 < stroke_length <= 1", high_open=False)
-        _check_range("fill", self.fill, -1.0, 1.0, "-1 <= fill <= 1", low_open=False, high_open=False)
-        _check_range("noise_std", self.noise_std, 0.0, math.inf, "noise_std > 0")
-        _check_range("blur_sigma", self.blur_sigma, 0.0, math.inf, "blur_sigma > 0")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_range(name: str, value: object, low: float, high: float, rule: str,
-                 low_open: bool = True, high_open: bool = True) -> None:
-    """ConfigError unless ``value`` is a number between low and high (ends open or closed); NaN fails."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    above = number and (value > low if low_open else value >= low)
-    below = number and (value < high if high_open else value <= high)
-    if not (above and below):
-        raise ConfigError(f"{KEY}.{name}: must be a number with {rule}, got {value!r}")
 
 
 # --- super-resolution and blur -----------------------------------------------
@@ -330,17 +265,6 @@ def degrade(image: torch.Tensor, config: DegradationConfig,
     if image.ndim != 3:
         raise ValueError(f"image must be (C, H, W), got shape {tuple(image.shape)}")
     return DEGRADATIONS[config.task](image, config, generator)
-
-
-def check_image_size(config: DegradationConfig, image_size: int) -> None:
-    """ConfigError when ``config.task`` cannot run on ``image_size`` square images."""
-    if config.task == "super_resolution" and image_size // config.scale < 2:
-        raise ConfigError(f"{KEY}.scale: {config.scale} leaves fewer than 2 low-resolution pixels "
-                          f"per side of data.image_size={image_size}")
-    radius = math.ceil(3 * config.blur_sigma)
-    if config.task == "deblurring" and radius >= image_size:
-        raise ConfigError(f"{KEY}.blur_sigma: kernel radius ceil(3 sigma) = {radius} must be smaller "
-                          f"than data.image_size={image_size}")
 
 
 # --- paired dataset ------------------------------------------------------------

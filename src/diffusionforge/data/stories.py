@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal, Optional, get_args
+from typing import Literal, Optional
 
 import numpy as np
 import torch
@@ -64,86 +64,20 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, default_collate
 
 from diffusionforge.data.captions import caption_names
+from diffusionforge.data.config import SIZES, StoryConfig, StorySource, StorySplit
 from diffusionforge.data.datasets import build_dataset
 from diffusionforge.data.folder import uint8_to_signed
 from diffusionforge.errors import ConfigError
 
-StorySource = Literal["fashion-mnist-embedded", "mnist", "hdf5"]  # hdf5: PororoSV / FlintstonesSV (story_hdf5.py)
-StorySplit = Literal["train", "val", "test"]
 SOURCE_SPLIT: dict[str, Literal["train", "test"]] = {"train": "train", "val": "train", "test": "test"}
 POSITIONS = ("top left", "top", "top right", "left", "center", "right",
              "bottom left", "bottom", "bottom right")  # 3 x 3 grid, row-major
 GRID = 3  # positions per row / column
-SIZES = ("small", "normal", "large")
 NORMAL = SIZES.index("normal")
-SIZE_SCALES = (0.6, 1.0, 1.4)  # item side / item_size for each of SIZES
-MIN_TRAVEL = 4  # canvas pixels a large item leaves free, so its 3 columns / rows differ
 EVENTS = ("intro", "move", "resize", "stay", "flip")  # frame 0 is always intro
 EVENT_WEIGHTS = {"move": 0.4, "resize": 0.25, "stay": 0.15, "flip": 0.2}  # events of frames >= 1
 HOLDOUT_KEY = b"val-instances"  # seeds the draw of the instances held out for val
 ARTICLES = ("a", "an", "the")
-
-
-@dataclass
-class StoryConfig:
-    """How stories are drawn (YAML section ``data.story``)."""
-
-    source: StorySource = "fashion-mnist-embedded"  # real images the stories show
-    root: Optional[str] = None  # MNIST folder (as data.root) for source=mnist; the .h5 file for source=hdf5
-    frames: int = 4  # F, frames per story
-    canvas: int = 32  # S, side of the black square canvas in pixels
-    item_size: int = 16  # item side at normal size; small / large are 0.6x / 1.4x
-    train_stories: int = 10_000  # stories in the train split
-    val_stories: int = 500  # stories in the val split
-    test_stories: int = 1_000  # stories in the test split
-    val_instances: int = 1_000  # source train images held out for val stories only
-    omit_identity_prob: float = 0.5  # P(a frame >= 1 says "it" instead of the class)
-    flip_events: bool = True  # allow "it turns around" (horizontal mirror) events
-    seed: int = 0  # fixes every story of every split
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """ConfigError naming ``data.story.<field>`` for the first bad value."""
-        if self.source not in get_args(StorySource):
-            raise _error("source", f"{self.source!r} is not one of {', '.join(get_args(StorySource))}")
-        if self.source == "mnist" and self.root is None:
-            raise _error("root", "required for source=mnist (a folder with the MNIST idx files)")
-        if self.source == "hdf5" and self.root is None:
-            raise _error("root", "required for source=hdf5 (an ARLDM-layout PororoSV / FlintstonesSV file)")
-        if self.source == "fashion-mnist-embedded" and self.root is not None:
-            raise _error("root", f"not used by source={self.source}")
-        minimums = {"frames": 1, "canvas": 8, "item_size": 4, "train_stories": 0, "val_stories": 0,
-                    "test_stories": 0, "val_instances": 1, "seed": 0}
-        for key, minimum in minimums.items():
-            if not _is_int(getattr(self, key)) or getattr(self, key) < minimum:
-                raise _error(key, f"must be an integer >= {minimum}, got {getattr(self, key)!r}")
-        sides = self.sides
-        if not sides[0] < sides[1] < sides[2]:
-            raise _error("item_size", f"small / normal / large sides {sides} px must differ and fit a "
-                                      f"{self.canvas} px canvas with {MIN_TRAVEL} px to spare")
-        prob = self.omit_identity_prob
-        if isinstance(prob, bool) or not isinstance(prob, (int, float)) or not 0 <= prob <= 1:
-            raise _error("omit_identity_prob", f"must be a number in [0, 1], got {prob!r}")
-        if not isinstance(self.flip_events, bool):
-            raise _error("flip_events", f"must be true or false, got {self.flip_events!r}")
-
-    @property
-    def sides(self) -> tuple[int, ...]:
-        """Item side in pixels for each of SIZES."""
-        return tuple(min(round(self.item_size * scale), self.canvas - MIN_TRAVEL) for scale in SIZE_SCALES)
-
-    def num_stories(self, split: StorySplit) -> int:
-        return {"train": self.train_stories, "val": self.val_stories, "test": self.test_stories}[split]
-
-
-def _error(key: str, message: str) -> ConfigError:
-    return ConfigError(f"data.story.{key}: {message}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -168,7 +102,8 @@ def instance_pool(config: StoryConfig, split: StorySplit, source_size: int) -> n
     if split == "test":
         return np.arange(source_size)
     if config.val_instances >= source_size:
-        raise _error("val_instances", f"{config.val_instances} leaves no train instances of {source_size}")
+        raise ConfigError(f"data.story.val_instances: {config.val_instances} leaves no train instances "
+                          f"of {source_size}")
     order = np.random.default_rng(split_seed(config.seed, HOLDOUT_KEY)).permutation(source_size)
     chosen = order[:config.val_instances] if split == "val" else order[config.val_instances:]
     return np.sort(chosen)
