@@ -51,6 +51,9 @@ ConditionKind = Literal["vector", "crossattn", "concat"]
 CONCAT_DIMS: dict[str, int] = {"vector": -1, "crossattn": -1, "concat": 1}
 MASKED_KINDS = ("crossattn",)  # kinds whose conditioners may return a token mask
 
+# The cond dict: kind (and "crossattn_mask") -> tensor, as the wrapper returns it; the third
+# argument of backbones and samplers (which take None for an unconditional model). One definition:
+# samplers.loop imports it.
 Cond = dict[str, Tensor]
 
 

@@ -10,7 +10,9 @@ Each training batch ``x: (B, C, H, W)`` in [-1, 1] makes two optimiser steps
 with ``t`` the number of training batches done. The maths lives in
 ``losses.LPIPSWithDiscriminator``; this module steps the two optimisers
 by hand and logs. The discriminator step reuses the generator step's
-reconstruction (LDM recomputes it after the generator update).
+reconstruction (LDM recomputes it after the generator update). The
+learning-rate schedules and the validation grid (inputs over their
+reconstructions, ``recon_step_*.png``) are ``BaseModule``'s (``base.py``).
 
 Lightning counts every ``optimizer.step()`` as a global step, so
 ``global_step`` is twice the number of training batches; ``max_steps``
@@ -22,7 +24,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
 import torch
 from torch import Tensor
 from torchmetrics.image import PeakSignalNoiseRatio
@@ -31,8 +32,7 @@ from ..config.schema import OptimConfig
 from ..first_stage.autoencoder import AutoencoderKL
 from ..losses.autoencoder_loss import AutoencoderLossConfig, LPIPSWithDiscriminator
 from ..losses.lpips import LPIPS
-from ..optim import lr_scheduler, trainer_progress
-from ..utils.images import save_grid
+from .base import BaseModule
 
 __all__ = ["AutoencoderModule"]
 
@@ -42,23 +42,22 @@ DATA_RANGE = 2.0  # max - min of images in [-1, 1], for PSNR
 GRID_COLUMNS = 8  # validation images shown in the reconstruction grid
 
 
-class AutoencoderModule(L.LightningModule):
+class AutoencoderModule(BaseModule):
     loss_names = ("train/total_loss", "train/disc_loss")  # logged loss of each optimiser (divergence messages)
+    grid_prefix = "recon_"
 
     def __init__(self, autoencoder: AutoencoderKL, loss_config: AutoencoderLossConfig, lr: float,
                  lpips: Optional[LPIPS] = None, sample_dir: Optional[Path] = None,
                  grad_clip: float = 0.0, optim: Optional[OptimConfig] = None):
-        super().__init__()
+        # optim: warm-up and decay of both learning rates, per training batch (None: constant lr)
+        super().__init__(optim, sample_dir)
         self.autoencoder = autoencoder
         self.loss = LPIPSWithDiscriminator(loss_config, lpips)
         self.lr = lr  # learning rate of both Adam optimisers
-        self.sample_dir = sample_dir  # where validation writes input/reconstruction grids
         self.grad_clip = grad_clip  # clip each optimiser's gradient norm to this (0 = off)
-        # warm-up and decay of both learning rates, per training batch (None: constant lr)
-        self.optim_config = optim
         self.automatic_optimization = False
         self.val_psnr = PeakSignalNoiseRatio(data_range=DATA_RANGE)
-        self._grid: Optional[Tensor] = None  # (2 n, C, H, W): inputs, then reconstructions
+        self._grid_inputs: Optional[Tensor] = None  # (n, C, H, W): the first validation images seen
 
     @property
     def batch_step(self) -> int:
@@ -107,9 +106,7 @@ class AutoencoderModule(L.LightningModule):
         if self.optim_config is None:
             return [opt_g, opt_d]
         batches = self.trainer.max_steps // STEPS_PER_BATCH  # the schedules count training batches
-        progress = trainer_progress(self.trainer)
-        return [opt_g, opt_d], [lr_scheduler(opt, self.optim_config, batches, progress)
-                                for opt in (opt_g, opt_d)]
+        return [opt_g, opt_d], [self.lr_schedule(opt, batches) for opt in (opt_g, opt_d)]
 
     # --------------------------------------------------------------- validation
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -120,12 +117,27 @@ class AutoencoderModule(L.LightningModule):
         self.log("val/rec_loss", rec, sync_dist=True)
         self.log("val/psnr", self.val_psnr, prog_bar=True)
         if batch_idx == 0:
-            n = min(GRID_COLUMNS, x.shape[0])
-            self._grid = torch.cat([x[:n], x_hat[:n]]).detach().cpu()
+            self._grid_inputs = x[:GRID_COLUMNS].detach()
 
-    def on_validation_epoch_end(self) -> None:
-        grid, self._grid = self._grid, None
-        if self.sample_dir is not None and self.trainer.is_global_zero and grid is not None:
-            path = Path(self.sample_dir) / f"recon_step_{self.global_step:07d}.png"
-            save_grid(grid, path, nrow=grid.shape[0] // 2)
-            save_grid(grid, path.parent / "recon_latest.png", nrow=grid.shape[0] // 2)
+    @torch.no_grad()
+    def reconstruction_grid(self, images: Tensor) -> Tensor:
+        """``images`` (N, C, H, W) in [-1, 1] over their posterior-mode reconstructions: (2N, C, H, W)."""
+        was_training = self.autoencoder.training
+        self.autoencoder.eval()
+        try:
+            x_hat, _ = self.autoencoder(images.to(self.device), sample_posterior=False)
+        finally:
+            self.autoencoder.train(was_training)
+        return torch.cat([images.cpu(), x_hat.clamp(-1, 1).float().cpu()])
+
+    def write_sample_grid(self, path: Path, seed: int = 0, images: Optional[Tensor] = None) -> Path:
+        """Inputs over reconstructions: ``images``, else the first validation batch's, else ``grid_source``'s.
+
+        ``seed`` is unused (decoding the posterior mode draws no noise).
+        """
+        if images is None:
+            images = self._grid_inputs
+        if images is None:
+            images = torch.stack([item["image"] for item in self.grid_items(GRID_COLUMNS)])
+        grid = self.reconstruction_grid(images)
+        return self.save_sample_grid(grid, path, nrow=len(images))

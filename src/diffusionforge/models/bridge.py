@@ -1,8 +1,8 @@
 """BridgeModel: image-to-image translation by Latent Bridge Matching (task=bridge).
 
-The ``GenerativeModel`` machinery (first stage, conditioner, backbone, EMA,
-optimiser, checkpoints) with the bridge process in place of Gaussian
-diffusion (Chadebec et al. 2025, Algorithm 1; gojasper/LBM ``LBMModel``):
+The ``NetworkModule`` machinery (first stage, conditioner, backbone, EMA,
+optimiser, grids) with the bridge process in place of Gaussian diffusion
+(Chadebec et al. 2025, Algorithm 1; gojasper/LBM ``LBMModel``):
 
     z0 = E(x_target)                  first-stage encode (identity in pixel space)
     z1 = E(x_source)                  the degraded image, resized to the target's size
@@ -13,7 +13,9 @@ diffusion (Chadebec et al. 2025, Algorithm 1; gojasper/LBM ``LBMModel``):
 
 ``translate`` runs the Euler sampler from ``z1`` to ``z0_hat`` and decodes it.
 With a mask in the batch (1 = the hole to fill) the known pixels are taken
-from the source, so they are preserved exactly.
+from the source, so they are preserved exactly. A bridge has no ``sample``
+(it starts from a source, not from noise), no ``inpaint`` (inpainting is a
+bridge from masked sources) and no guidance.
 """
 
 from __future__ import annotations
@@ -23,14 +25,16 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import default_collate
 
+from ..conditioning import ConditionerWrapper
+from ..conditioning.labels import LabelConditioning
+from ..config.schema import OptimConfig, SampleConfig
 from ..processes.bridge import BridgeMatching
 from ..samplers import autocast_denoise
 from ..samplers.bridge import sample_bridge
-from ..utils.images import save_grid
-from .generative import GenerativeModel
+from .base import NetworkModule
 
 GRID_PAIRS = 8  # pairs shown in the sample grids (rows: source, translation, target)
 
@@ -41,10 +45,21 @@ class BridgeLoss(NamedTuple):
     pixel: Tensor  # (B,) unweighted pixel loss (zeros when off)
 
 
-class BridgeModel(GenerativeModel):
-    def __init__(self, *args, source_key: str = "source", target_key: str = "image",
-                 paste_key: Optional[str] = "mask", sample_steps: int = 1, pixel_loss=None, **kwargs):
-        super().__init__(*args, **kwargs)
+class BridgeModel(NetworkModule):
+    """Source -> target translation by a latent bridge: ``translate`` and grids of validation pairs.
+
+    ``sample`` (the diffusion runs' ``SampleConfig``) is accepted so that one
+    set of parts builds every model, and unused: translation takes
+    ``sample_steps`` Euler steps and no guidance.
+    """
+
+    def __init__(self, backbone: nn.Module, process: BridgeMatching, conditioner: ConditionerWrapper,
+                 first_stage: nn.Module, latent_shape: tuple[int, int, int], optim: OptimConfig,
+                 sample: Optional[SampleConfig] = None, labels: Optional[LabelConditioning] = None,
+                 sample_dir: Optional[Path] = None, *, source_key: str = "source", target_key: str = "image",
+                 paste_key: Optional[str] = "mask", sample_steps: int = 1, pixel_loss=None):
+        super().__init__(backbone=backbone, process=process, conditioner=conditioner, first_stage=first_stage,
+                         latent_shape=latent_shape, optim=optim, labels=labels, sample_dir=sample_dir)
         self.source_key = source_key
         self.target_key = target_key
         self.paste_key = paste_key  # batch key of the hole mask whose outside is kept from the source
@@ -97,10 +112,7 @@ class BridgeModel(GenerativeModel):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.log("val/loss", self.bridge_loss(batch).loss, sync_dist=True)
 
-    # ----------------------------------------------------------------- sampling
-    def sample(self, *args, **kwargs):
-        raise TypeError("a bridge model translates source images: use translate() (`dforge translate`)")
-
+    # -------------------------------------------------------------- translation
     @torch.no_grad()
     def translate(self, batch: dict, steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
                   use_ema: bool = True, precision: str = "fp32", paste: bool = True,
@@ -144,19 +156,12 @@ class BridgeModel(GenerativeModel):
         rows.append(target)
         return torch.cat(rows), len(target)
 
-    def estimate_grid_seconds(self) -> None:
-        """Not estimated before fit (its grid translates validation pairs that only the fit's datamodule holds); the budget reserves a share instead."""
-        return None
-
     def grid_batch(self) -> dict:
-        """The first GRID_PAIRS validation pairs of the datamodule being fitted (fixed by its seed)."""
-        pairs = self.trainer.datamodule.val_set
-        return default_collate([pairs[i] for i in range(min(GRID_PAIRS, len(pairs)))])
+        """The first GRID_PAIRS pairs of ``grid_source`` (the validation pairs, fixed by the data's seed)."""
+        return default_collate(self.grid_items(GRID_PAIRS))
 
     def write_sample_grid(self, path: Path, seed: int = 0, batch: Optional[dict] = None) -> Path:
-        """Grid of ``batch`` (default: the first validation pairs); the inherited validation hook calls it."""
+        """Grid of ``batch`` (default: ``grid_batch()``); the base's validation hook calls it."""
         batch = self.grid_batch() if batch is None else batch
         images, nrow = self.grid_rows(batch, seed)
-        save_grid(images, path, nrow=nrow)
-        save_grid(images, path.parent / "latest.png", nrow=nrow)
-        return path
+        return self.save_sample_grid(images, path, nrow)

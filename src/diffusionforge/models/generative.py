@@ -10,7 +10,9 @@ Training step (Ho et al. 2020, Algorithm 1, in the first stage's space):
 Sampling walks the process with a sampler from ``samplers.SAMPLERS`` and the
 EMA weights by default, with classifier-free guidance as a wrapper around
 the denoise callable. The module is thin: the maths lives in the process,
-the loop in the sampler, the networks in the backbone and conditioners.
+the loop in the sampler, the networks in the backbone and conditioners;
+the EMA, optimiser, first stage and grid machinery are ``NetworkModule``'s
+(``base.py``).
 """
 
 from __future__ import annotations
@@ -20,21 +22,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-import lightning as L
-from lightning.pytorch.callbacks import Timer
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
 
 from ..conditioning import Cond, ConditionerWrapper
 from ..conditioning.labels import LabelConditioning
 from ..config.schema import OptimConfig, SampleConfig
-from ..optim import ema_initial_share, ema_multi_avg_fn, lr_scheduler, trainer_progress
 from ..processes.gaussian import GaussianDiffusion
 from ..samplers import SAMPLERS, SamplePrecision, autocast_denoise, classifier_free_guidance
-from ..utils.images import save_grid
+from .base import NetworkModule
 
 
 @dataclass
@@ -52,47 +49,19 @@ class SampleRequest:
     progress: bool = False
 
 
-class GenerativeModel(L.LightningModule):
+class GenerativeModel(NetworkModule):
+    """Gaussian diffusion (DDPM / DDIM / LDM / DiT): ``sample``, ``inpaint`` and class grids."""
+
     def __init__(self, backbone: nn.Module, process: GaussianDiffusion,
                  conditioner: ConditionerWrapper, first_stage: nn.Module,
                  latent_shape: tuple[int, int, int], optim: OptimConfig,
                  sample: SampleConfig, labels: Optional[LabelConditioning] = None,
                  sample_dir: Optional[Path] = None):
-        super().__init__()
-        self.net = nn.ModuleDict({"backbone": backbone, "conditioner": conditioner})
-        self.process = process
-        self.first_stage = first_stage.requires_grad_(False)
-        self.latent_shape = tuple(latent_shape)  # (C, H, W) of what diffusion runs on
-        self.optim_config = optim
-        self.sample_config = sample
-        self.labels = labels  # how class labels become conditioning (None: unconditional)
-        self.sample_dir = sample_dir
-        self.start_step = 0  # global step at which the latest fit started (or resumed)
-        self.grid_seconds: Optional[float] = None  # measured cost of a sample grid (estimate_grid_seconds)
-        self.ema = AveragedModel(self.net, multi_avg_fn=ema_multi_avg_fn(optim), use_buffers=True)
-        self.ema.requires_grad_(False)
-
-    @property
-    def num_classes(self) -> Optional[int]:
-        return self.labels.num_classes if self.labels is not None else None
-
-    def label_batch(self, labels: Tensor) -> dict:
-        """(B,) class labels -> the conditioning batch for them ({} for an unconditional model)."""
-        return self.labels.batch(labels) if self.labels is not None else {}
+        super().__init__(backbone=backbone, process=process, conditioner=conditioner, first_stage=first_stage,
+                         latent_shape=latent_shape, optim=optim, labels=labels, sample_dir=sample_dir)
+        self.sample_config = sample  # the validation / final grids' sampler (grid_request)
 
     # ----------------------------------------------------------------- training
-    def on_train_start(self) -> None:
-        self.start_step = self.global_step
-        cfg = self.optim_config
-        if cfg.schedule == "budget" or cfg.ema_power > 0:
-            return  # a budget has no known step count; a warmed-up EMA forgets its start by design
-        remaining = self.trainer.max_steps - self.global_step
-        left = ema_initial_share(cfg, remaining) if remaining > 0 else 0.0
-        if left > 0.05:  # the EMA starts at the initial weights and never fully forgets them
-            rank_zero_warn(f"optim.ema_decay={cfg.ema_decay}: after {remaining} steps the EMA "
-                           f"weights still hold {left:.0%} of the initial (random) weights; lower it "
-                           f"or warm it up (optim.ema_power)")
-
     def diffusion_loss(self, batch: dict) -> Tensor:
         with torch.no_grad():
             z0 = self.first_stage.encode(batch["image"])
@@ -112,37 +81,10 @@ class GenerativeModel(L.LightningModule):
             self.log("train/loss_vlb", losses.loss_vlb.mean())
         return losses.loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        self.ema.update_parameters(self.net)
-
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self.log("val/loss", self.diffusion_loss(batch).loss, sync_dist=True)
 
-    def on_validation_epoch_end(self) -> None:
-        if self.sample_dir is not None and self.trainer.is_global_zero and self.grid_fits_in_time():
-            self.write_sample_grid(self.sample_dir / f"step_{self.global_step:07d}.png")
-
-    def grid_fits_in_time(self) -> bool:
-        """False when a time-limited fit has less time left than a grid takes (it would overrun)."""
-        if self.grid_seconds is None:
-            return True
-        left = [c.time_remaining() for c in self.trainer.callbacks if isinstance(c, Timer)]
-        return all(r is None or r > self.grid_seconds for r in left)
-
-    def configure_optimizers(self):
-        cfg = self.optim_config
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay)
-        total = self.trainer.max_steps if self._trainer is not None else -1
-        progress = trainer_progress(self.trainer) if self._trainer is not None else None
-        schedule = lr_scheduler(optimizer, cfg, total, progress)
-        return {"optimizer": optimizer,
-                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
     # ----------------------------------------------------------------- sampling
-    def sampling_net(self, use_ema: bool = True) -> nn.ModuleDict:
-        return self.ema.module if use_ema else self.net
-
     @torch.no_grad()
     def sample(self, batch: dict, num: int, request: SampleRequest,
                generator: Optional[torch.Generator] = None,
@@ -256,6 +198,4 @@ class GenerativeModel(L.LightningModule):
         request = self.grid_request()
         generator = torch.Generator(self.device).manual_seed(seed)
         images = self.sample(batch, num, request, generator=generator)
-        save_grid(images, path, nrow=nrow)
-        save_grid(images, path.parent / "latest.png", nrow=nrow)
-        return path
+        return self.save_sample_grid(images, path, nrow)

@@ -24,7 +24,7 @@ from typing import Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..utils.images import save_grid
+from ..data.stories import collate_stories
 from .generative import GenerativeModel, SampleRequest
 
 StoryTask = Literal["visualisation", "continuation"]
@@ -32,6 +32,15 @@ GRID_STORIES = 8  # validation stories in the sample grids (rows: real, generate
 
 
 class StoryModel(GenerativeModel):
+    """AR-LDM: a latent Gaussian diffusion model whose conditioner is a story conditioner.
+
+    It is a ``GenerativeModel`` (not a sibling on ``NetworkModule``) because
+    each frame is one Gaussian sample: ``generate`` calls ``sample`` with the
+    story so far, with the run's sampler, guidance and guided channels
+    (``grid_request``), and the loss is the diffusion loss over the frames.
+    Its grids show dataset stories (``grid_source``), not classes.
+    """
+
     def __init__(self, *args, story_task: StoryTask = "visualisation", frames: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
         if story_task not in ("visualisation", "continuation"):
@@ -107,15 +116,12 @@ class StoryModel(GenerativeModel):
         return tuple(self.first_stage.decode(probe).shape[1:])
 
     def estimate_grid_seconds(self) -> None:
-        """Not estimated before fit (its grid generates validation stories that only the fit's datamodule holds); the budget reserves a share instead."""
+        """Not estimated before fit (its grid generates dataset stories); the budget reserves a share instead."""
         return None
 
     def grid_batch(self) -> dict:
-        """The first GRID_STORIES validation stories of the datamodule being fitted."""
-        from ..data.stories import collate_stories
-
-        stories = self.trainer.datamodule.val_set
-        return collate_stories([stories[i] for i in range(min(GRID_STORIES, len(stories)))])
+        """The first GRID_STORIES stories of ``grid_source`` (the validation stories)."""
+        return collate_stories(self.grid_items(GRID_STORIES))
 
     def write_sample_grid(self, path: Path, seed: int = 0, batch: Optional[dict] = None) -> Path:
         """Rows: a real story, then the story generated from its captions (and first frame if continuation)."""
@@ -126,6 +132,4 @@ class StoryModel(GenerativeModel):
         generator = torch.Generator(self.device).manual_seed(seed)
         fake = self.generate(batch["captions"], request, first_frames=first, generator=generator)
         rows = torch.stack([real, fake], dim=1).flatten(0, 2)  # (B * 2 * F, C, H, W)
-        save_grid(rows, path, nrow=self.frames)
-        save_grid(rows, path.parent / "latest.png", nrow=self.frames)
-        return path
+        return self.save_sample_grid(rows, path, self.frames)

@@ -22,16 +22,17 @@ replaced by ``q_sample(x0_known, t, noise)``; after the last step by
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from diffusionforge.conditioning.base import Cond
 from diffusionforge.processes.gaussian import GaussianDiffusion
 
-Cond = Optional[Dict[str, Tensor]]
-DenoiseFn = Callable[[Tensor, Tensor, Cond], Tensor]
+# Cond (conditioning/base.py) is the cond dict a ConditionerWrapper returns; None: unconditional
+DenoiseFn = Callable[[Tensor, Tensor, Optional[Cond]], Tensor]
 # callback(i, t, x, pred_x0) after each step: step index, timestep, new x, predicted x0.
 Callback = Callable[[int, int, Tensor, Tensor], None]
 
@@ -63,7 +64,8 @@ def batch_t(t: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
 
 
-def call_denoise(denoise: DenoiseFn, process: GaussianDiffusion, x: Tensor, t: int, cond: Cond) -> Tensor:
+def call_denoise(denoise: DenoiseFn, process: GaussianDiffusion, x: Tensor, t: int,
+                 cond: Optional[Cond]) -> Tensor:
     """Run the backbone at process step ``t``, passing it the original timestep."""
     return denoise(x, process.timestep_map[batch_t(t, x)], cond)
 
