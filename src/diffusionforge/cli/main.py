@@ -3,6 +3,16 @@
 Every user error (bad config key, missing file, wrong checkpoint) is a
 ``DForgeError``: printed as one line ``dforge: error: ...`` with exit
 status 2, never a traceback.
+
+Start-up is instant: argparse needs every subcommand's parser for ``--help``,
+so ``build_parser`` imports every ``cli`` module, and a ``cli`` module imports
+at module level only the standard library and light diffusionforge modules
+(``errors``, ``utils.outputs``, ``config.loader``, other ``cli`` modules).
+Everything else (``runs``, ``tasks``, ``models``, ``interop``, ``plotting``,
+and through them torch, Lightning, numpy, PIL) is imported inside the function
+that runs the command. ``tests/test_architecture.py`` checks the imports as
+written, ``tests/test_startup.py`` what a fresh interpreter actually loads;
+``benchmarks/startup.py`` times it.
 """
 
 from __future__ import annotations

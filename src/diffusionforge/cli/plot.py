@@ -7,8 +7,6 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 
-CONFIG_FILE = "config.yaml"  # runs.CONFIG_FILE, not imported: runs imports torch
-
 DESCRIPTION = """Draw the loss curve of a run from its logs/version_N/metrics.csv: the train
 loss (raw and smoothed) and the validation loss against the global step,
 across every fit of the run (a resume adds a version). `dforge train` writes
@@ -31,6 +29,7 @@ def add_parser(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..plotting import write_loss_plot
+    from ..runs import CONFIG_FILE
 
     run_dir = Path(args.run_dir)
     if not run_dir.is_dir():
