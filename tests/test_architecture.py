@@ -152,12 +152,19 @@ def test_run_directory_handling_and_config_loading_import_no_model_code():
 
 
 def test_only_the_task_registry_reads_config_task():
-    """The kind of run is chosen in one place: ``tasks.task_of`` (no `task ==` switches elsewhere)."""
-    switch = re.compile(r"\btask\s*(==|!=)|\btask\s+(not\s+)?in\s*[(\[{]")
+    """The kind of run is chosen in one place, ``tasks.base.task_of``: no `task ==` switches elsewhere, and
+    ``config.task`` is read only there (messages that name it aside)."""
+    switch = re.compile(r"\btask\s*(==|!=)|\.task\s+(not\s+)?in\b")
     offenders = [f"{path.relative_to(SRC)}:{number}" for path in MODULES.values()
                  for number, line in enumerate(path.read_text().splitlines(), 1)
                  if switch.search(line)]
     assert offenders == []
+    readers = [f"{path.relative_to(SRC)}:{number}" for path in MODULES.values()
+               for number, line in enumerate(path.read_text().splitlines(), 1)
+               if re.search(r"config\.task\b", line.split("#")[0]) and "{config.task" not in line
+               and "``config.task``" not in line]
+    assert readers == ["tasks/base.py:" + str(next(i for i, line in enumerate(
+        (SRC / "tasks" / "base.py").read_text().splitlines(), 1) if "TASKS[config.task]" in line))]
 
 
 @pytest.mark.parametrize("command", ["train", "sample", "evaluate", "story", "translate", "convert", "plot",

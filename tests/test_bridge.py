@@ -101,7 +101,7 @@ def test_custom_times_have_the_given_probabilities():
     ("bridge.process.timestep_sampling=cosine", "bridge.process.timestep_sampling"),
 ])
 def test_bridge_config_errors_name_the_key(override, key):
-    base = ["task=bridge", "data.degradation.task=super_resolution",
+    base = ["task=bridge", "data.degradation.kind=super_resolution",
             "bridge.process.timestep_sampling=custom_timesteps", "bridge.process.selected_timesteps=[500,1000]"]
     with pytest.raises(ConfigError, match=key.replace("[", r"\[")):
         load_config("tiny", [*base, override])
@@ -117,7 +117,7 @@ def test_conditioner_rate_errors():
 
 
 def test_custom_probabilities_default_to_equal():
-    config = load_config("tiny", ["task=bridge", "data.degradation.task=denoising",
+    config = load_config("tiny", ["task=bridge", "data.degradation.kind=denoising",
                                   "bridge.process.timestep_sampling=custom_timesteps",
                                   "bridge.process.selected_timesteps=[500,1000]"])
     assert config.bridge.process.prob is None

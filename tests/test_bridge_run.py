@@ -132,5 +132,5 @@ def test_bridge_training_needs_pairs():
     with pytest.raises(ConfigError, match="data.degradation: task=bridge"):
         build_model(load_config("tiny", ["task=bridge"]))
     with pytest.raises(ConfigError, match="latents_concat: batch keys \\['mask'\\]"):
-        build_model(load_config("tiny", ["task=bridge", "data.degradation.task=denoising",
+        build_model(load_config("tiny", ["task=bridge", "data.degradation.kind=denoising",
                                          "model.conditioning.latents_concat.mask_keys=[mask]"]))

@@ -62,7 +62,7 @@ def test_low_resolution_of_a_constant_is_constant():
 @pytest.mark.parametrize("mode", ["bicubic", "bilinear", "nearest"])
 def test_super_resolution_source_is_upsampled_low_resolution(mode):
     x = signed_noise(3, 16, 16)
-    config = DegradationConfig(task="super_resolution", scale=4, upsample=mode)
+    config = DegradationConfig(kind="super_resolution", scale=4, upsample=mode)
     out = degrade(x, config, gen(0))
     assert set(out) == {"source"} and out["source"].shape == (3, 16, 16)
     torch.testing.assert_close(out["source"], upsample(low_resolution(x, 4), 16, mode))
@@ -97,15 +97,15 @@ def test_blur_matches_scipy_gaussian_filter():
 
 def test_deblurring_source_is_the_blurred_image():
     x = signed_noise(1, 12, 12)
-    out = degrade(x, DegradationConfig(task="deblurring", blur_sigma=0.8), gen(0))
+    out = degrade(x, DegradationConfig(kind="deblurring", blur_sigma=0.8), gen(0))
     torch.testing.assert_close(out["source"], gaussian_blur(x, 0.8))
 
 
 def test_denoising_noise_std():
-    out = degrade(torch.zeros(1, 128, 128), DegradationConfig(task="denoising", noise_std=0.2), gen(0))
+    out = degrade(torch.zeros(1, 128, 128), DegradationConfig(kind="denoising", noise_std=0.2), gen(0))
     noise = out["source"]
     assert abs(noise.std().item() - 0.2) < 0.01 and abs(noise.mean().item()) < 0.01
-    clamped = degrade(torch.ones(1, 8, 8), DegradationConfig(task="denoising"), gen(0))["source"]
+    clamped = degrade(torch.ones(1, 8, 8), DegradationConfig(kind="denoising"), gen(0))["source"]
     assert clamped.max() <= 1 and clamped.min() < 1
 
 
@@ -151,7 +151,7 @@ def test_free_form_never_covers_everything_even_with_huge_brushes():
 def test_inpainting_source_keeps_known_pixels_and_fills_the_hole():
     x = signed_noise(3, 28, 28)
     for mask_kind in ("box", "free_form", "mixed"):
-        config = DegradationConfig(task="inpainting", mask=mask_kind, fill=0.5)
+        config = DegradationConfig(kind="inpainting", mask=mask_kind, fill=0.5)
         out = degrade(x, config, gen(1))
         mask, source = out["mask"], out["source"]
         assert mask.shape == (1, 28, 28) and source.shape == (3, 28, 28)
@@ -160,7 +160,7 @@ def test_inpainting_source_keeps_known_pixels_and_fills_the_hole():
 
 
 def test_mixed_masks_draw_both_kinds():
-    config = DegradationConfig(task="inpainting", mask="mixed")
+    config = DegradationConfig(kind="inpainting", mask="mixed")
     masks = [degrade(torch.zeros(1, 28, 28), config, gen(seed))["mask"][0] for seed in range(20)]
     rectangles = [m.sum() == m.any(0).sum() * m.any(1).sum() for m in masks]
     assert 0 < sum(rectangles) < len(masks)
@@ -175,7 +175,7 @@ def constant_dataset(count: int = 6, size: int = 16) -> ArrayImageDataset:
 
 @pytest.mark.parametrize("task", ["inpainting", "denoising"])
 def test_deterministic_pairs_repeat_and_differ_by_index(task):
-    config = DegradationConfig(task=task)
+    config = DegradationConfig(kind=task)
     paired = PairedDataset(constant_dataset(), config, seed=7, deterministic=True)
     first, again = paired[2], PairedDataset(constant_dataset(), config, seed=7, deterministic=True)[2]
     assert set(first) == ({"image", "class_label", "source", "mask"} if task == "inpainting"
@@ -187,7 +187,7 @@ def test_deterministic_pairs_repeat_and_differ_by_index(task):
 
 
 def test_training_pairs_are_fresh_draws_from_the_global_rng():
-    paired = PairedDataset(constant_dataset(), DegradationConfig(task="denoising"), seed=7, deterministic=False)
+    paired = PairedDataset(constant_dataset(), DegradationConfig(kind="denoising"), seed=7, deterministic=False)
     torch.manual_seed(3)
     first, second = paired[0]["source"], paired[0]["source"]
     assert not torch.equal(first, second)
@@ -205,7 +205,7 @@ def test_pair_seed_is_pinned():
 # --- config ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("overrides, key", [
-    ({"task": "colorization"}, "task"), ({"scale": 1}, "scale"), ({"scale": True}, "scale"),
+    ({"kind": "colorization"}, "kind"), ({"scale": 1}, "scale"), ({"scale": True}, "scale"),
     ({"upsample": "area"}, "upsample"), ({"mask": "circle"}, "mask"),
     ({"box_min": 0.6, "box_max": 0.4}, "box_max"), ({"box_min": 0.0}, "box_min"), ({"box_max": 1.0}, "box_max"),
     ({"strokes": 0}, "strokes"), ({"vertices": 0}, "vertices"), ({"stroke_width_max": 0.7}, "stroke_width_max"),
@@ -220,14 +220,14 @@ def test_bad_degradation_value_names_the_key(overrides, key):
 
 
 def test_data_config_accepts_a_mapping_and_checks_the_image_size():
-    config = DataConfig(degradation={"task": "inpainting", "mask": "box"})
-    assert config.degradation == DegradationConfig(task="inpainting", mask="box")
+    config = DataConfig(degradation={"kind": "inpainting", "mask": "box"})
+    assert config.degradation == DegradationConfig(kind="inpainting", mask="box")
     with pytest.raises(ConfigError, match=r"^data\.degradation\.colour: unknown key"):
         DataConfig(degradation={"colour": 1})
     with pytest.raises(ConfigError, match=r"^data\.degradation\.scale: "):
         DataConfig(image_size=28, degradation={"scale": 16})
     with pytest.raises(ConfigError, match=r"^data\.degradation\.blur_sigma: "):
-        DataConfig(image_size=8, degradation={"task": "deblurring", "blur_sigma": 3.0})
+        DataConfig(image_size=8, degradation={"kind": "deblurring", "blur_sigma": 3.0})
     with pytest.raises(ConfigError, match=r"^data\.degradation: "):
         DataConfig(degradation="inpainting")
 
@@ -236,7 +236,7 @@ def test_data_config_accepts_a_mapping_and_checks_the_image_size():
 
 def test_datamodule_yields_paired_batches():
     config = DataConfig(batch_size=8, val_size=16, limit_train=16, hflip=True,
-                        degradation=DegradationConfig(task="inpainting"))
+                        degradation=DegradationConfig(kind="inpainting"))
     module = ImageDataModule(config, seed=0)
     module.setup("fit")
     batch = next(iter(module.train_dataloader()))

@@ -29,7 +29,7 @@ STATE_DICT_KEYS = {
     "fashion-arldm": (1053, "90af993147839b1d"),
     "fashion-vae": (169, "b50dfe5184f9bd25"),
 }
-BRIDGE = ["task=bridge", "data.degradation.task=denoising", "model.conditioning.class_label=null",
+BRIDGE = ["task=bridge", "data.degradation.kind=denoising", "model.conditioning.class_label=null",
           "bridge.steps=2"]
 GAUSSIAN_ONLY = ("sample", "inpaint", "guided_channels", "grid_request")
 

@@ -275,7 +275,7 @@ def test_story_grid_comes_from_the_grid_source_without_a_trainer(tiny_paths, tmp
 def test_training_loss_covers_the_target_frames(tiny_paths, task, rows):
     from diffusionforge.data.datamodule import ImageDataModule
 
-    model, config = _model(tiny_paths, f"story.task={task}")
+    model, config = _model(tiny_paths, f"story.mode={task}")
     _wake(model.net["backbone"])  # so that gradients reach the context
     datamodule = ImageDataModule(config.data)
     batch = next(iter(datamodule.train_dataloader()))
@@ -295,7 +295,7 @@ def test_training_loss_covers_the_target_frames(tiny_paths, task, rows):
 def test_generation_is_autoregressive_and_keeps_a_given_first_frame(tiny_paths):
     from diffusionforge.models.generative import SampleRequest
 
-    model, config = _model(tiny_paths, "story.task=continuation")
+    model, config = _model(tiny_paths, "story.mode=continuation")
     _randomise(model.ema.module["conditioner"].conditioners[0].history)
     _wake(model.ema.module["backbone"])
     request = SampleRequest(steps=3, guidance=2.0, clip_denoised=True)

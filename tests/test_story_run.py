@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
     for task in TASKS:
         made[task] = root / task
         assert main(["train", "fashion-arldm", *TINY_STORY, f"model.conditioning.story.path={text}",
-                     f"story.task={task}", f"run_dir={made[task]}", "--no-progress"]) == 0
+                     f"story.mode={task}", f"run_dir={made[task]}", "--no-progress"]) == 0
     return made
 
 
@@ -133,7 +133,7 @@ def test_evaluate_scores_generated_beside_real_stories(runs, tmp_path, task):
         assert key in model, key
     assert "fid" not in real and real["position_accuracy"] >= 0.9
     protocol = record["protocol"]
-    assert protocol["num_stories"] == 8 and protocol["task"] == task and protocol["history"] is True
+    assert protocol["num_stories"] == 8 and protocol["mode"] == task and protocol["history"] is True
     assert protocol["steps"] == 2 and protocol["classifier"] == "classifier/fashion-mnist"
 
 

@@ -79,7 +79,6 @@ def test_lr_schedule_warms_up_then_decays_by_a_half_cosine():
 @pytest.mark.parametrize("overrides, key", [
     (["optim.min_lr_ratio=1.5"], "optim.min_lr_ratio"),
     (["optim.lr_decay=linear"], "lr_decay"),
-    (["optim.lr_decay=cosine", "trainer.max_steps=100", "optim.warmup_steps=100"], "trainer.max_steps"),
 ])
 def test_bad_lr_schedule_is_a_config_error(overrides, key):
     from diffusionforge.config import load_config
@@ -87,3 +86,19 @@ def test_bad_lr_schedule_is_a_config_error(overrides, key):
 
     with pytest.raises(ConfigError, match=key):
         load_config("tiny", overrides)
+
+
+@pytest.mark.parametrize("preset, max_steps, message", [
+    ("tiny", 100, "(100 training batches)"),
+    ("fashion-vae", 200, "(100 training batches)"),  # the autoencoder's task counts 2 optimiser steps per batch
+])
+def test_a_decay_shorter_than_the_warm_up_is_refused_by_the_task(tmp_path, capsys, preset, max_steps, message):
+    """A rule that depends on the task (optimiser steps per batch) is checked by the task, before any work."""
+    from diffusionforge.cli.main import main
+
+    run_dir = tmp_path / "run"
+    code = main(["train", preset, "optim.schedule=steps", "optim.lr_decay=cosine", f"trainer.max_steps={max_steps}",
+                 "optim.warmup_steps=100", "trainer.time_budget=null", "trainer.max_time=null", f"run_dir={run_dir}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "trainer.max_steps" in err[0] and message in err[0], err
+    assert not run_dir.exists()

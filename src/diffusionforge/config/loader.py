@@ -69,6 +69,23 @@ def _load_yaml(path: Path) -> DictConfig:
     return loaded
 
 
+# Keys renamed since runs were first written: (section, old name, new name). A run directory's config.yaml
+# (and a user's YAML or override) written with the old name still loads, under the new one.
+RENAMED_KEYS = (("data.degradation", "task", "kind"),  # "task" names the kind of run (ExperimentConfig.task) only
+                ("story", "task", "mode"))
+
+
+def _rename_legacy_keys(layer: DictConfig) -> DictConfig:
+    """``layer`` with the keys of RENAMED_KEYS under their new names (the new name wins if both are set)."""
+    for section, old, new in RENAMED_KEYS:
+        node = OmegaConf.select(layer, section, default=None)
+        if isinstance(node, DictConfig) and old in node:
+            value = node.pop(old)
+            if new not in node:
+                node[new] = value
+    return layer
+
+
 def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item or item.startswith("="):
@@ -107,8 +124,8 @@ def load_config(name_or_path: Optional[str] = None,
     schema = OmegaConf.structured(ExperimentConfig)
     layers = []
     if name_or_path is not None:
-        layers.append(_load_yaml(resolve_config_path(name_or_path)))
-    layers.append(_parse_overrides(overrides))
+        layers.append(_rename_legacy_keys(_load_yaml(resolve_config_path(name_or_path))))
+    layers.append(_rename_legacy_keys(_parse_overrides(overrides)))
     try:
         merged = OmegaConf.merge(schema, *layers)
     except OmegaConfBaseException as err:

@@ -144,11 +144,11 @@ class BridgeTaskConfig:
 class StoryTaskConfig:
     """task=story: AR-LDM on data.story stories, conditioned by model.conditioning.story."""
 
-    task: Literal["visualisation", "continuation"] = "visualisation"  # generate every frame, or frames 1.. after a given frame 0
+    mode: Literal["visualisation", "continuation"] = "visualisation"  # generate every frame, or frames 1.. after a given frame 0
 
     def __post_init__(self) -> None:
-        if self.task not in ("visualisation", "continuation"):
-            raise ValueError(f"story.task: must be visualisation or continuation, got {self.task!r}")
+        if self.mode not in ("visualisation", "continuation"):
+            raise ValueError(f"story.mode: must be visualisation or continuation, got {self.mode!r}")
 
 
 @dataclass

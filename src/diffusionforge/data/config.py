@@ -18,7 +18,7 @@ from diffusionforge.errors import ConfigError
 from diffusionforge.utils.checks import is_int, is_number
 
 __all__ = ["BUILT_IN", "DataConfig", "DatasetName", "DegradationConfig", "MaskKind", "StoryConfig",
-           "StorySource", "StorySplit", "Task", "UpsampleMode", "check_image_size", "check_template"]
+           "StorySource", "StorySplit", "DegradationKind", "UpsampleMode", "check_image_size", "check_template"]
 
 
 # --- data.caption_template ----------------------------------------------------
@@ -31,7 +31,7 @@ def check_template(template: Optional[str]) -> None:
 
 # --- data.degradation (degradations.py) ---------------------------------------
 
-Task = Literal["super_resolution", "inpainting", "denoising", "deblurring"]
+DegradationKind = Literal["super_resolution", "inpainting", "denoising", "deblurring"]
 UpsampleMode = Literal["bicubic", "bilinear", "nearest"]
 MaskKind = Literal["box", "free_form", "mixed"]
 KEY = "data.degradation"  # YAML section, the prefix of every ConfigError message
@@ -41,7 +41,7 @@ KEY = "data.degradation"  # YAML section, the prefix of every ConfigError messag
 class DegradationConfig:
     """How the source of each (source, target) pair is made (YAML section ``data.degradation``)."""
 
-    task: Task = "super_resolution"  # which degradation D makes the source y = D(x)
+    kind: DegradationKind = "super_resolution"  # which degradation D makes the source y = D(x)
     scale: int = 4  # super_resolution: mean over scale x scale blocks, then upsample back to full size
     upsample: UpsampleMode = "bicubic"  # super_resolution: low-res -> full size (bicubic is clamped to [-1, 1])
     mask: MaskKind = "mixed"  # inpainting: box rectangles, free_form brush strokes, or either with prob 1/2
@@ -61,7 +61,7 @@ class DegradationConfig:
 
     def validate(self) -> None:
         """ConfigError naming ``data.degradation.<field>`` for the first bad value."""
-        for name, kind in (("task", Task), ("upsample", UpsampleMode), ("mask", MaskKind)):
+        for name, kind in (("kind", DegradationKind), ("upsample", UpsampleMode), ("mask", MaskKind)):
             if getattr(self, name) not in get_args(kind):
                 raise ConfigError(f"{KEY}.{name}: {getattr(self, name)!r} is not one of "
                                   f"{', '.join(get_args(kind))}")
@@ -94,12 +94,12 @@ def _check_range(name: str, value: object, low: float, high: float, rule: str,
 
 
 def check_image_size(config: DegradationConfig, image_size: int) -> None:
-    """ConfigError when ``config.task`` cannot run on ``image_size`` square images."""
-    if config.task == "super_resolution" and image_size // config.scale < 2:
+    """ConfigError when ``config.kind`` cannot run on ``image_size`` square images."""
+    if config.kind == "super_resolution" and image_size // config.scale < 2:
         raise ConfigError(f"{KEY}.scale: {config.scale} leaves fewer than 2 low-resolution pixels "
                           f"per side of data.image_size={image_size}")
     radius = math.ceil(3 * config.blur_sigma)
-    if config.task == "deblurring" and radius >= image_size:
+    if config.kind == "deblurring" and radius >= image_size:
         raise ConfigError(f"{KEY}.blur_sigma: kernel radius ceil(3 sigma) = {radius} must be smaller "
                           f"than data.image_size={image_size}")
 

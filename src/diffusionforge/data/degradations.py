@@ -6,7 +6,7 @@ target x. For restoration tasks the pairs are made from real images by a
 known degradation, y = D(x). Images are float (C, H, W) or (B, C, H, W) in
 [-1, 1]; all randomness comes from the ``torch.Generator`` passed in.
 
-| task               | source y = D(x)                                              | also returned |
+| kind               | source y = D(x)                                              | also returned |
 |--------------------|--------------------------------------------------------------|---------------|
 | ``super_resolution``| up(down_s(x)): mean over s x s blocks (area, antialiased),  |               |
 |                    | then back to (H, W): bicubic (clamped to [-1, 1]), bilinear  |               |
@@ -264,7 +264,7 @@ def degrade(image: torch.Tensor, config: DegradationConfig,
     """``{"source": (C, H, W)}`` for ``image`` (C, H, W), plus ``"mask"`` (1, H, W) for inpainting."""
     if image.ndim != 3:
         raise ValueError(f"image must be (C, H, W), got shape {tuple(image.shape)}")
-    return DEGRADATIONS[config.task](image, config, generator)
+    return DEGRADATIONS[config.kind](image, config, generator)
 
 
 # --- paired dataset ------------------------------------------------------------

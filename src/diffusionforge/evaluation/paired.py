@@ -44,7 +44,7 @@ from .reconstruction import DATA_RANGE, SSIM_KERNEL, SSIM_SIGMA
 @dataclass
 class PairedProtocol:
     num_images: int            # test pairs translated and scored
-    task: str                  # data.degradation.task
+    kind: str                  # data.degradation.kind
     degradation: dict          # the data.degradation settings that made the pairs
     steps: list                # Euler steps of the lbm_<K>_steps rows
     seed: int                  # seed of the bridge noise (matters for K > 1)
@@ -103,7 +103,7 @@ def evaluate_bridge_run(model, config, num: int, steps: Sequence[int], batch_siz
     pairs = Subset(datamodule.test_set, range(min(num, len(datamodule.test_set))))
     network = load_feature_network(choose_features(config.data.name, features))
     shape = image_shape(config)
-    methods = ["input"] + (["bicubic"] if degradation.task == "super_resolution" else [])
+    methods = ["input"] + (["bicubic"] if degradation.kind == "super_resolution" else [])
     methods += [f"lbm_{k}_steps" for k in steps]
     scores = {name: MethodScores(network, shape) for name in methods}
     hole_psnr: dict[int, list] = {k: [] for k in steps}
@@ -113,7 +113,7 @@ def evaluate_bridge_run(model, config, num: int, steps: Sequence[int], batch_siz
     for batch in DataLoader(pairs, batch_size=batch_size):
         target = batch["image"]
         source = batch[model.source_key]
-        if degradation.task == "super_resolution":
+        if degradation.kind == "super_resolution":
             low = low_resolution(target, degradation.scale)
             scores["input"].update(upsample(low, target.shape[-2:], "nearest"), target)
             scores["bicubic"].update(upsample(low, target.shape[-2:], "bicubic"), target)
@@ -138,7 +138,7 @@ def evaluate_bridge_run(model, config, num: int, steps: Sequence[int], batch_siz
                 outside_max_abs_diff=outside_pasted[k], outside_max_abs_diff_unpasted=outside_raw[k])
     metrics = {name: s.compute(len(pairs)) for name, s in scores.items()}
     protocol = PairedProtocol(
-        num_images=len(pairs), task=degradation.task, degradation=asdict(degradation), steps=list(steps),
+        num_images=len(pairs), kind=degradation.kind, degradation=asdict(degradation), steps=list(steps),
         seed=seed, weights="ema" if use_ema else "raw", precision=precision, features=network.name,
         features_sha256=network.sha256, reference_split=f"{config.data.name}/test", git_commit=git_commit())
     return {"metrics": metrics, "protocol": asdict(protocol)}

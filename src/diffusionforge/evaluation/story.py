@@ -47,7 +47,7 @@ CROP_MODE = "nearest"  # item crops enlarged to 28x28 by nearest neighbour: the 
 class StoryProtocol:
     num_stories: int           # test stories generated and scored
     frames: int                # frames per story
-    task: str                  # visualisation | continuation (frame 0 real)
+    mode: str                  # visualisation | continuation (frame 0 real)
     history: bool              # the model attends to earlier (caption, frame) pairs
     sampler: str
     steps: int
@@ -83,7 +83,7 @@ def evaluate_story_run(model, config, num: int, request, seed: int = 0, batch_si
     start = time.perf_counter()
     for begin in range(0, len(subset), batch_size):
         batch = collate_stories([subset[i] for i in range(begin, min(begin + batch_size, len(subset)))])
-        first = batch["frames"][:, 0] if model.story_task == "continuation" else None
+        first = batch["frames"][:, 0] if model.story_mode == "continuation" else None
         generated.append(model.generate(batch["captions"], request, first_frames=first,
                                         generator=generator).float().cpu())
         real.append(batch["frames"])
@@ -98,7 +98,7 @@ def evaluate_story_run(model, config, num: int, request, seed: int = 0, batch_si
     }
     story_cfg = config.model.conditioning.story
     protocol = StoryProtocol(
-        num_stories=len(subset), frames=story.frames, task=model.story_task, history=story_cfg.history,
+        num_stories=len(subset), frames=story.frames, mode=model.story_mode, history=story_cfg.history,
         sampler=request.sampler, steps=request.steps, eta=request.eta, spacing=request.spacing,
         guidance=request.guidance, seed=seed, weights="ema" if request.use_ema else "raw",
         precision=request.precision, classifier=network.name, classifier_sha256=network.sha256,

@@ -41,19 +41,19 @@ class StoryModel(GenerativeModel):
     Its grids show dataset stories (``grid_source``), not classes.
     """
 
-    def __init__(self, *args, story_task: StoryTask = "visualisation", frames: int = 4, **kwargs):
+    def __init__(self, *args, story_mode: StoryTask = "visualisation", frames: int = 4, **kwargs):
         super().__init__(*args, **kwargs)
-        if story_task not in ("visualisation", "continuation"):
-            raise ValueError(f"story.task must be visualisation or continuation, got {story_task!r}")
-        if story_task == "continuation" and frames < 2:
-            raise ValueError("story.task=continuation needs stories of at least 2 frames")
-        self.story_task = story_task
+        if story_mode not in ("visualisation", "continuation"):
+            raise ValueError(f"story.mode must be visualisation or continuation, got {story_mode!r}")
+        if story_mode == "continuation" and frames < 2:
+            raise ValueError("story.mode=continuation needs stories of at least 2 frames")
+        self.story_mode = story_mode
         self.frames = frames
 
     @property
     def first_target(self) -> int:
         """The first generated frame: 0, or 1 when frame 0 is given (continuation)."""
-        return 1 if self.story_task == "continuation" else 0
+        return 1 if self.story_mode == "continuation" else 0
 
     # ----------------------------------------------------------------- training
     def diffusion_loss(self, batch: dict):
@@ -92,7 +92,7 @@ class StoryModel(GenerativeModel):
         length = len(captions[0]) if captions else 0
         if not captions or not 1 <= length <= self.frames or any(len(story) != length for story in captions):
             raise ValueError(f"captions must be B lists of the same number (1..{self.frames}) of captions")
-        if first_frames is None and self.story_task == "continuation":
+        if first_frames is None and self.story_mode == "continuation":
             raise ValueError("a continuation model needs the first frame of each story")
         count = len(captions)
         padded = [story + [""] * (self.frames - length) for story in captions]
@@ -128,7 +128,7 @@ class StoryModel(GenerativeModel):
         batch = self.grid_batch() if batch is None else batch
         request = self.grid_request()
         real = batch["frames"].to(self.device)
-        first = real[:, 0] if self.story_task == "continuation" else None
+        first = real[:, 0] if self.story_mode == "continuation" else None
         generator = torch.Generator(self.device).manual_seed(seed)
         fake = self.generate(batch["captions"], request, first_frames=first, generator=generator)
         rows = torch.stack([real, fake], dim=1).flatten(0, 2)  # (B * 2 * F, C, H, W)

@@ -11,9 +11,10 @@
 ``story``           AR-LDM stories: `dforge story`
 ==================  ===========================================================
 
-``TASKS`` is the registry; ``task_of(config)`` is the only place that reads
-``ExperimentConfig.task``. A new task is a module with a ``Task`` subclass and
-one line here (docs/ARCHITECTURE.md walks through an example).
+``TASKS`` is the registry (``base.py``; filled here); ``task_of(config)`` is
+the only place that reads ``ExperimentConfig.task``. A new task is a module
+with a ``Task`` subclass and one entry in the tuple below
+(docs/ARCHITECTURE.md walks through an example).
 """
 
 from __future__ import annotations
@@ -26,24 +27,16 @@ from ..errors import CheckpointError, ConfigError
 from ..interop.detect import load_network
 from ..runs import CONFIG_FILE, open_run
 from .autoencoder import AutoencoderTask
-from .base import EvalOptions, Task
+from .base import TASKS, EvalOptions, Task, register, task_of
 from .bridge import BridgeTask
 from .diffusion import DiffusionTask
 from .story import StoryTask
 
-TASKS: dict[str, Task] = {task.name: task for task in (DiffusionTask(), AutoencoderTask(), BridgeTask(),
-                                                       StoryTask())}
+for _task in (DiffusionTask(), AutoencoderTask(), BridgeTask(), StoryTask()):
+    register(_task)
 
 __all__ = ["TASKS", "EvalOptions", "Task", "build_model", "command_task", "load_run", "load_run_model",
            "read_network", "task_of"]
-
-
-def task_of(config: ExperimentConfig) -> Task:
-    """The task of a config (``config.task``)."""
-    try:
-        return TASKS[config.task]
-    except KeyError:
-        raise ConfigError(f"task: unknown task {config.task!r} (one of {', '.join(TASKS)})") from None
 
 
 def command_task(config: ExperimentConfig, command: str, run_dir: Path) -> Task:

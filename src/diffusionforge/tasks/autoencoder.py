@@ -49,12 +49,11 @@ from ..losses.autoencoder_loss import AutoencoderLossConfig
 from ..losses.lpips import load_lpips
 from ..models.autoencoder_module import AutoencoderModule
 from ..runs import AUTOENCODER_WEIGHTS, CONFIG_FILE, open_run, weights_file
-from ..utils.images import save_grid
 from ..weights import load_weights, save_weights
-from .base import EvalOptions, Task
+from .base import EvalOptions, Task, task_of, validation_items
 
 __all__ = ["AUTOENCODER_WEIGHTS", "AutoencoderTask", "build_autoencoder", "build_autoencoder_module",
-           "finish_autoencoder_run", "load_autoencoder_run", "write_reconstruction_grid"]
+           "finish_autoencoder_run", "load_autoencoder_run"]
 
 FINAL_GRID_IMAGES = 16  # validation images (one row) above their reconstructions in final.png
 
@@ -89,36 +88,20 @@ def build_autoencoder_module(config: ExperimentConfig,
                              optim=config.optim)
 
 
-@torch.no_grad()
-def write_reconstruction_grid(autoencoder: AutoencoderKL, images: torch.Tensor, path: Path) -> Path:
-    """Save ``images: (N, C, H, W)`` in [-1, 1] (top row) over their posterior-mode reconstructions."""
-    was_training = autoencoder.training
-    autoencoder.eval()
-    device = next(autoencoder.parameters()).device
-    x_hat, _ = autoencoder(images.to(device), sample_posterior=False)  # (N, C, H, W)
-    autoencoder.train(was_training)
-    grid = torch.cat([images.cpu(), x_hat.clamp(-1, 1).float().cpu()])  # (2N, C, H, W)
-    save_grid(grid, path, nrow=images.shape[0])
-    return path
-
-
-def finish_autoencoder_run(model: AutoencoderModule, datamodule,
-                           run_dir: Path, config: ExperimentConfig) -> Path:
+def finish_autoencoder_run(model: AutoencoderModule, datamodule, run_dir: Path, config: ExperimentConfig) -> Path:
     """After fit: export ``autoencoder.safetensors``, write ``samples/final.png``; returns the grid."""
     autoencoder = model.autoencoder
     meta = {"format": "diffusionforge", "config": CONFIG_FILE,
             "autoencoder_config": json.dumps(dataclasses.asdict(autoencoder.config))}
     save_weights(autoencoder, run_dir / AUTOENCODER_WEIGHTS, meta)
-    val = datamodule.val_set if len(datamodule.val_set) else datamodule.train_set  # val_size may be 0
-    count = min(FINAL_GRID_IMAGES, len(val))
-    images = torch.stack([val[i]["image"] for i in range(count)])  # (N, C, H, W)
-    return write_reconstruction_grid(autoencoder, images, run_dir / "samples" / "final.png")
+    images = torch.stack([item["image"] for item in validation_items(datamodule)(FINAL_GRID_IMAGES)])  # (N, C, H, W)
+    return model.write_sample_grid(run_dir / "samples" / "final.png", images=images)
 
 
 def load_autoencoder_run(run_dir: str | Path) -> tuple[AutoencoderKL, ExperimentConfig]:
     """The trained AutoencoderKL of a task=autoencoder run (eval mode) and the run's config."""
     run_dir, config = open_run(run_dir)
-    if config.task != AutoencoderTask.name:
+    if not isinstance(task_of(config), AutoencoderTask):
         raise CheckpointError(f"{run_dir}: a task={config.task} run, not an autoencoder run "
                               "(train one with `dforge train fashion-vae`)")
     return load_autoencoder(run_dir, config), config
@@ -142,7 +125,9 @@ class AutoencoderTask(Task):
         return build_autoencoder_module(config, sample_dir)
 
     def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, AutoencoderModule]:
-        return config, self.build_model(config)
+        model = self.build_model(config)
+        model.grid_source = validation_items(datamodule)
+        return config, model
 
     def finish(self, model: AutoencoderModule, datamodule, run_dir: Path, config: ExperimentConfig) -> Path:
         return finish_autoencoder_run(model, datamodule, run_dir, config)

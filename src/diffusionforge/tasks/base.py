@@ -14,8 +14,9 @@ A task answers every question the commands ask about a run of its kind:
 ``commands``       which of `sample`, `translate`, `story` take its runs
 =================  ==============================================================
 
-Tasks are found through the registry in ``tasks/__init__.py``
-(``task_of(config)``), the one place that reads ``ExperimentConfig.task``.
+Tasks are found through one registry, ``TASKS`` (filled by ``tasks/__init__.py``
+with one instance of each task); ``task_of(config)`` is the one place that
+reads ``ExperimentConfig.task``.
 """
 
 from __future__ import annotations
@@ -88,3 +89,32 @@ class Task:
         runs = " or ".join(f"task={name}" for name in takers)
         hint = f": use {self.usage}" if self.usage else ""
         return ConfigError(f"{run_dir} is a task={self.name} run; `dforge {command}` takes {runs} runs{hint}")
+
+
+def validation_items(datamodule):
+    """The grid source of a model: ``count`` -> the first items of the validation set (training set when
+    data.val_size=0)."""
+    def items(count: int) -> list[dict]:
+        dataset = datamodule.val_set if datamodule.val_set is not None and len(datamodule.val_set) \
+            else datamodule.train_set
+        return [dataset[i] for i in range(min(count, len(dataset)))]
+    return items
+
+
+TASKS: dict[str, Task] = {}  # ExperimentConfig.task -> its Task; filled by register() in tasks/__init__.py
+
+
+def register(task: Task) -> Task:
+    """Add ``task`` to the registry under ``task.name``."""
+    if task.name in TASKS:
+        raise ValueError(f"task {task.name!r} is registered twice")
+    TASKS[task.name] = task
+    return task
+
+
+def task_of(config: ExperimentConfig) -> Task:
+    """The task of a config (``config.task``)."""
+    try:
+        return TASKS[config.task]
+    except KeyError:
+        raise ConfigError(f"task: unknown task {config.task!r} (one of {', '.join(TASKS)})") from None

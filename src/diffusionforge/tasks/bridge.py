@@ -20,9 +20,9 @@ from ..errors import ConfigError, DataError
 from ..models.bridge import BridgeModel
 from ..processes.bridge import BridgeMatching
 from ..utils.images import load_image
-from .base import EvalOptions, Task
+from .base import EvalOptions, Task, validation_items
 from .parts import (check_class_labels, check_num_classes, export_weights, first_stage_network, load_exported,
-                    model_parts, prepare_first_stage, run_first_stage, validation_items)
+                    model_parts, prepare_first_stage, run_first_stage)
 
 
 def build_bridge_model(config: ExperimentConfig, num_classes: Optional[int] = None,
@@ -32,7 +32,7 @@ def build_bridge_model(config: ExperimentConfig, num_classes: Optional[int] = No
     bridge = config.bridge
     if config.data.degradation is None:
         raise ConfigError("data.degradation: task=bridge trains on (source, target) pairs; set "
-                          "data.degradation.task (super_resolution, inpainting, denoising, deblurring)")
+                          "data.degradation.kind (super_resolution, inpainting, denoising, deblurring)")
     process = bridge.process
     pixel_loss = None
     if process.pixel_loss_weight > 0:
@@ -48,7 +48,7 @@ def build_bridge_model(config: ExperimentConfig, num_classes: Optional[int] = No
                                   "bridge.lpips_vgg and bridge.lpips_lin (or use l2 / l1)")
         pixel_loss = PixelLoss(process.pixel_loss_type, process.pixel_loss_max_size,
                                process.pixel_loss_window, lpips)
-    paste_key = bridge.paste_key if config.data.degradation.task == "inpainting" else None
+    paste_key = bridge.paste_key if config.data.degradation.kind == "inpainting" else None
     return BridgeModel(process=BridgeMatching(process), source_key=bridge.source_key, paste_key=paste_key,
                        sample_steps=bridge.steps, pixel_loss=pixel_loss,
                        **model_parts(config, autoencoder, sample_dir))
@@ -69,14 +69,14 @@ def source_batch(config: ExperimentConfig, input_path: str, mask_path: Optional[
     image = load_image(input_path, data.channels)
     height, width = image.shape[-2:]
     if (height, width) != (size, size):
-        scale = degradation.scale if degradation.task == "super_resolution" else None
+        scale = degradation.scale if degradation.kind == "super_resolution" else None
         if scale is not None and (height * scale, width * scale) == (size, size):
             image = upsample(image, (size, size), degradation.upsample)
         else:
             low = f" or {size // scale}x{size // scale} (low resolution, x{scale})" if scale else ""
             raise DataError(f"{input_path}: is {width}x{height}; this run translates {size}x{size} images{low}")
     batch = {config.bridge.source_key: image}
-    if degradation.task == "inpainting":
+    if degradation.kind == "inpainting":
         if mask_path is None:
             raise ConfigError("--mask: this run inpaints; give the mask of the region to fill (white = fill)")
         mask = (load_image(mask_path, 1, any_mode=True) > 0).float()  # white (255) -> 1, black -> 0
@@ -86,7 +86,7 @@ def source_batch(config: ExperimentConfig, input_path: str, mask_path: Optional[
         batch[config.bridge.source_key] = image * (1 - mask) + degradation.fill * mask
         batch["mask"] = mask
     elif mask_path is not None:
-        raise ConfigError(f"--mask: this run does {degradation.task}, which takes no mask")
+        raise ConfigError(f"--mask: this run does {degradation.kind}, which takes no mask")
     return batch
 
 

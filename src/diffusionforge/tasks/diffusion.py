@@ -22,9 +22,9 @@ from ..config.schema import ExperimentConfig
 from ..errors import CheckpointError, ConfigError
 from ..models.generative import GenerativeModel, SampleRequest
 from ..processes.gaussian import GaussianDiffusion
-from .base import EvalOptions, Task
+from .base import EvalOptions, Task, validation_items
 from .parts import (check_class_labels, check_num_classes, export_weights, load_exported, model_parts,
-                    prepare_first_stage, run_first_stage, first_stage_network, validation_items)
+                    prepare_first_stage, run_first_stage, first_stage_network)
 
 
 def build_diffusion_model(config: ExperimentConfig, num_classes: Optional[int] = None,

@@ -53,12 +53,12 @@ def build_conditioner(config: ExperimentConfig, shape: tuple[int, int, int]) -> 
     if latents_cfg is not None:
         degradation = config.data.degradation
         produced = {"image", config.bridge.source_key}
-        if degradation is not None and degradation.task == "inpainting":
+        if degradation is not None and degradation.kind == "inpainting":
             produced.add("mask")
         missing = [k for k in (*latents_cfg.mask_keys, *latents_cfg.image_keys) if k not in produced]
         if missing:
             raise ConfigError(f"model.conditioning.latents_concat: batch keys {missing} are not in the data "
-                              f"(it gives {sorted(produced)}; masks need data.degradation.task=inpainting)")
+                              f"(it gives {sorted(produced)}; masks need data.degradation.kind=inpainting)")
         conditioners.append(LatentsConcat(latents_cfg, latent_channels=shape[0]))
     story_cfg = config.model.conditioning.story
     if story_cfg is not None:
@@ -199,16 +199,6 @@ def check_class_labels(config: ExperimentConfig, datamodule) -> None:
     if config.model.conditioning.class_label is not None and datamodule.num_classes is None:
         raise ConfigError(f"model.conditioning.class_label: data.name={config.data.name} has no class labels "
                           "(an image folder needs one sub-folder per class); set model.conditioning.class_label=null")
-
-
-def validation_items(datamodule):
-    """The grid source of a model: ``count`` -> the first items of the validation set (training set when
-    data.val_size=0)."""
-    def items(count: int) -> list[dict]:
-        dataset = datamodule.val_set if datamodule.val_set is not None and len(datamodule.val_set) \
-            else datamodule.train_set
-        return [dataset[i] for i in range(min(count, len(dataset)))]
-    return items
 
 
 def export_weights(model, run_dir: Path) -> Path:

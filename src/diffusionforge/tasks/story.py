@@ -20,10 +20,10 @@ from ..models.generative import SampleRequest
 from ..models.story import StoryModel
 from ..processes.gaussian import GaussianDiffusion
 from ..utils.images import load_image
-from .base import EvalOptions, Task
+from .base import EvalOptions, Task, validation_items
 from .diffusion import one_step_count, sample_request
 from .parts import (check_num_classes, export_weights, first_stage_network, load_exported, model_parts,
-                    prepare_first_stage, run_first_stage, validation_items)
+                    prepare_first_stage, run_first_stage)
 
 
 def build_story_model(config: ExperimentConfig, num_classes: Optional[int] = None,
@@ -41,7 +41,7 @@ def build_story_model(config: ExperimentConfig, num_classes: Optional[int] = Non
         raise ConfigError(f"model.conditioning.{others[0]}: task=story is conditioned by "
                           "model.conditioning.story only")
     learned = config.model.process.variance_type == "learned_range"
-    return StoryModel(process=GaussianDiffusion(config.model.process), story_task=config.story.task,
+    return StoryModel(process=GaussianDiffusion(config.model.process), story_mode=config.story.mode,
                       frames=config.data.story.frames,
                       **model_parts(config, autoencoder, sample_dir, learned_variance=learned))
 
@@ -63,8 +63,8 @@ def story_inputs(config: ExperimentConfig, captions: Sequence[str],
         if tuple(first.shape[-2:]) != (size, size):
             raise DataError(f"{first_frame}: is {first.shape[-1]}x{first.shape[-2]}; this run's frames "
                             f"are {size}x{size}")
-    elif config.story.task == "continuation":
-        raise ConfigError("--first-frame: this run continues stories (story.task=continuation); give frame 0")
+    elif config.story.mode == "continuation":
+        raise ConfigError("--first-frame: this run continues stories (story.mode=continuation); give frame 0")
     if first is not None and len(captions) < 2:
         raise ConfigError("--captions: with --first-frame give its caption and at least one more")
     return captions, first
