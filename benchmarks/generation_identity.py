@@ -71,7 +71,7 @@ def train(root: Path) -> None:
         if (root / name / "train_summary.json").is_file():
             continue
         latent = [f"model.latent.run_dir={root / 'vae'}"] if name not in ("vae", "pixel") else []
-        dforge("train", preset, f"run_dir={root / name}", "--no-progress", *overrides, *latent)
+        dforge("train", preset, f"run_dir={root / name}", *overrides, *latent, "--no-progress")
 
 
 def load_model(run_dir: Path):
