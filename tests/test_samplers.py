@@ -315,4 +315,4 @@ def test_clip_denoised_bounds_pred_x0():
 
 
 def test_registry():
-    assert SAMPLERS == {"ddpm": sample_ddpm, "ddim": sample_ddim}
+    assert SAMPLERS["ddpm"].fn is sample_ddpm and SAMPLERS["ddim"].fn is sample_ddim

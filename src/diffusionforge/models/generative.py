@@ -7,7 +7,7 @@ Training step (Ho et al. 2020, Algorithm 1, in the first stage's space):
     t ~ U{0..T-1}, eps ~ N(0, I), z_t = q_sample(z0, t, eps)
     loss = process.training_loss(backbone(z_t, t, c), z0, z_t, t, eps)
 
-Sampling walks the process with a sampler from ``samplers.SAMPLERS`` and the
+Sampling walks the process with a sampler of the ``samplers.SAMPLERS`` registry and the
 EMA weights by default, with classifier-free guidance as a wrapper around
 the denoise callable. The module is thin: the maths lives in the process,
 the loop in the sampler, the networks in the backbone and conditioners;
@@ -40,7 +40,8 @@ class SampleRequest:
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0
-    spacing: str = "leading"
+    spacing: str = "leading"  # which discrete timesteps (ddpm, ddim, and the sigma samplers' discrete schedule)
+    schedule: str = "discrete"  # sigma schedule of the sigma samplers: discrete | karras | exponential
     guidance: float = 1.0
     guidance_channels: Optional[int] = None  # first k channels guided; None = all prediction channels
     clip_denoised: bool = True
@@ -108,12 +109,10 @@ class GenerativeModel(NetworkModule):
                                                    guided_channels=self.guided_channels(request))
             x_T = torch.randn((num, *self.latent_shape), generator=generator,
                               device=self.device)
-            kwargs = dict(num_steps=request.steps, spacing=request.spacing,
-                          clip_denoised=request.clip_denoised, generator=generator,
-                          known_mask=known_mask, x0_known=x0_known, progress=request.progress)
-            if request.sampler == "ddim":
-                kwargs["eta"] = request.eta
-            out = SAMPLERS[request.sampler](denoise, self.process, x_T, cond, **kwargs)
+            entry = SAMPLERS[request.sampler]
+            options = {name: getattr(request, name) for name in entry.options}
+            out = entry.fn(denoise, self.process, x_T, cond, num_steps=request.steps, generator=generator,
+                           known_mask=known_mask, x0_known=x0_known, progress=request.progress, **options)
             return self.first_stage.decode(out.sample).clamp(-1, 1)
         finally:
             net.train(was_training)
