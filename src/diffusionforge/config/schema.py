@@ -19,7 +19,7 @@ from ..conditioning.config import (ClassLabelConfig, ConcatConditionerConfig, La
 from ..data.config import DataConfig
 from ..first_stage.config import AutoencoderConfig
 from ..losses.config import AutoencoderLossConfig
-from ..processes.config import BridgeMatchingConfig, GaussianDiffusionConfig
+from ..processes.config import BridgeMatchingConfig, EDMConfig, GaussianDiffusionConfig, Objective, RectifiedFlowConfig
 from .trainer_values import check_trainer_values
 
 
@@ -47,7 +47,10 @@ class ModelConfig:
     backbone: Literal["unet", "dit"] = "unet"        # which backbone config below is used
     unet: UNetConfig = field(default_factory=UNetConfig)  # in/out channels and vector_dim are derived
     dit: DiTConfig = field(default_factory=DiTConfig)     # the transformer; input size and channels derived
-    process: GaussianDiffusionConfig = field(default_factory=GaussianDiffusionConfig)
+    objective: Objective = "ddpm"                    # what the run trains: ddpm (model.process), edm (model.edm) or flow (model.flow)
+    process: GaussianDiffusionConfig = field(default_factory=GaussianDiffusionConfig)  # objective=ddpm: the discrete Gaussian process
+    edm: EDMConfig = field(default_factory=EDMConfig)  # objective=edm: Karras et al. 2022 preconditioning and loss
+    flow: RectifiedFlowConfig = field(default_factory=RectifiedFlowConfig)  # objective=flow: rectified flow / flow matching
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     first_stage: Literal["identity", "autoencoder"] = "identity"  # pixel space, or latent diffusion
     latent: LatentConfig = field(default_factory=LatentConfig)  # used when first_stage=autoencoder

@@ -68,11 +68,7 @@ class GenerativeModel(NetworkModule):
             z0 = self.first_stage.encode(batch["image"])
         conditioner = self.net["conditioner"]
         cond = conditioner(batch, first_stage=self.first_stage) if len(conditioner) else None
-        t = self.process.sample_timesteps(z0.shape[0], z0.device)
-        noise = torch.randn_like(z0)
-        z_t = self.process.q_sample(z0, t, noise)
-        output = self.net["backbone"](z_t, t, cond)
-        return self.process.training_loss(output, z0, z_t, t, noise)
+        return self.process.loss(self.net["backbone"], z0, cond)  # the objective's: ddpm, edm or flow
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self.diffusion_loss(batch)

@@ -29,6 +29,10 @@ Timestep sampling (``timestep_sampling``), as LBM ``_timestep_sampling``:
   ``[250, 500, 750, 1000]`` trains exactly the times the 1/2/4-step samplers
   visit).
 
+The straight path, its velocity and the time grid are ``flow.py``'s (a bridge
+from noise with ``sigma_b = 0`` is rectified flow); ``uniform`` and
+``log_normal`` are its ``uniform`` and ``logit_normal`` draws.
+
 The latent loss is the per-sample mean of ``|v_hat - v|^p`` (``l2``: p = 2,
 ``l1``: p = 1) times ``latent_loss_weight``; the optional pixel loss on the
 decoded ``z0_hat`` is ``losses.pixel.PixelLoss`` (it needs the decoder, which
@@ -44,11 +48,10 @@ import torch
 from torch import Tensor, nn
 
 from diffusionforge.processes.config import BridgeMatchingConfig
+from diffusionforge.processes.flow import path_endpoint, path_velocity, per_sample, sample_grid_times, straight_path
 
-
-def _per_sample(t: Tensor, like: Tensor) -> Tensor:
-    """(B,) -> (B, 1, ..., 1) in like's dtype."""
-    return t.to(like.dtype).reshape(t.shape[0], *([1] * (like.ndim - 1)))
+# timestep_sampling -> the kind of flow.sample_grid_times (LBM calls the logit-normal draw log_normal)
+GRID_SAMPLING = {"uniform": "uniform", "log_normal": "logit_normal"}
 
 
 class BridgeMatching(nn.Module):
@@ -65,13 +68,9 @@ class BridgeMatching(nn.Module):
                  generator: Optional[torch.Generator] = None) -> Tensor:
         """(batch,) float32 training times in (0, 1] drawn as ``timestep_sampling`` says."""
         c, T = self.config, self.num_train_timesteps
-        if c.timestep_sampling == "uniform":
-            k = torch.randint(1, T + 1, (batch,), generator=generator)
-            t = k.float() / T
-        elif c.timestep_sampling == "log_normal":
-            n = torch.randn(batch, generator=generator) * c.logit_std + c.logit_mean
-            index = (torch.sigmoid(n) * T).long().clamp_(max=T - 1)  # sigmoid(n) < 1; guards float rounding
-            t = 1.0 - index.float() / T
+        if c.timestep_sampling in GRID_SAMPLING:
+            t = sample_grid_times(GRID_SAMPLING[c.timestep_sampling], batch, T, logit_mean=c.logit_mean,
+                                  logit_std=c.logit_std, generator=generator)
         else:
             steps = torch.tensor(c.selected_timesteps, dtype=torch.float64)
             prob = torch.tensor(c.prob if c.prob is not None else [1.0] * len(steps), dtype=torch.float64)
@@ -96,19 +95,19 @@ class BridgeMatching(nn.Module):
         if z_target.shape != z_source.shape:
             raise ValueError(f"source latents {tuple(z_source.shape)} and target latents "
                              f"{tuple(z_target.shape)} must have the same shape")
-        tt = _per_sample(t, z_target)
+        tt = per_sample(t, z_target)
         noise = torch.randn_like(z_target) if noise is None else noise
-        return (1 - tt) * z_target + tt * z_source + self.noise_std(tt) * noise
+        return straight_path(z_target, z_source, t) + self.noise_std(tt) * noise
 
     @staticmethod
     def velocity(z_target: Tensor, z_source: Tensor) -> Tensor:
         """The regression target v = z1 - z0 (Eq. 6)."""
-        return z_source - z_target
+        return path_velocity(z_target, z_source)
 
     @staticmethod
     def predict_target(x_t: Tensor, v: Tensor, t: Tensor) -> Tensor:
         """z0_hat = x_t - t v: where an Euler step from t straight to 0 lands."""
-        return x_t - _per_sample(t, x_t) * v
+        return path_endpoint(x_t, v, t)
 
     def latent_loss(self, v_pred: Tensor, v_target: Tensor) -> Tensor:
         """(B,) per-sample mean distance of the velocities, times ``latent_loss_weight``."""

@@ -1,7 +1,9 @@
-"""Process settings, torch-free: ``GaussianDiffusionConfig`` and ``BridgeMatchingConfig``.
+"""Process settings, torch-free: ``GaussianDiffusionConfig``, ``EDMConfig``,
+``RectifiedFlowConfig`` and ``BridgeMatchingConfig``.
 
-``config/schema.py`` composes them without importing torch; ``gaussian.py``
-and ``bridge.py`` build the processes from them and re-export them. The
+``config/schema.py`` composes them without importing torch; ``gaussian.py``,
+``edm.py``, ``flow.py`` and ``bridge.py`` build the processes from them and
+re-export them. The
 ``Literal`` aliases are the accepted values; ``__post_init__`` checks every
 field and raises a one-line ``ConfigError`` naming it.
 """
@@ -16,7 +18,10 @@ from typing import Literal, Optional, get_args
 from diffusionforge.errors import ConfigError
 from diffusionforge.utils.checks import is_int, is_number
 
-__all__ = ["BetaScheduleName", "BridgeMatchingConfig", "GaussianDiffusionConfig"]
+__all__ = ["BetaScheduleName", "BridgeMatchingConfig", "EDMConfig", "FlowTimeSampling", "GaussianDiffusionConfig",
+           "Objective", "RectifiedFlowConfig"]
+
+Objective = Literal["ddpm", "edm", "flow"]  # model.objective: which process config (process | edm | flow) trains the run
 
 BetaScheduleName = Literal["linear", "scaled_linear", "cosine"]  # the keys of schedules.BETA_SCHEDULES
 PredictionType = Literal["eps", "x0", "v"]
@@ -44,6 +49,8 @@ class GaussianDiffusionConfig:
     lognormal_mean: float = -1.2  # timestep_sampling=lognormal: P_mean of ln(sigma) (Karras et al. 2022)
     lognormal_std: float = 1.2  # timestep_sampling=lognormal: P_std of ln(sigma)
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023), in its form for the prediction type; 0 = off
+    offset_noise: float = 0.0  # training noise eps + s * N(0, 1) per (B, C, 1, 1) (Guttenberg 2023); 0 = off
+    rescale_betas_zero_snr: bool = False  # rescale the betas to zero terminal SNR (Lin et al. 2024, Alg. 1); needs v, sample with spacing=trailing
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -79,9 +86,80 @@ def _validate_config(c: GaussianDiffusionConfig) -> None:
     _check(c.lognormal_std > 0.0, "lognormal_std", "> 0", c.lognormal_std)
     _check(c.l_simple_weight >= 0.0, "l_simple_weight", ">= 0", c.l_simple_weight)
     _check(c.original_elbo_weight >= 0.0, "original_elbo_weight", ">= 0", c.original_elbo_weight)
+    _check(c.offset_noise >= 0.0, "offset_noise", ">= 0 (0 = off)", c.offset_noise)
+    _check(isinstance(c.rescale_betas_zero_snr, bool), "rescale_betas_zero_snr", "true or false",
+           c.rescale_betas_zero_snr)
+    if c.rescale_betas_zero_snr:  # at abar_{T-1} = 0 only v determines x0 (Lin et al. 2024, Sec. 3.2)
+        _check(c.prediction_type == "v", "prediction_type", "v with rescale_betas_zero_snr", c.prediction_type)
+        _check(c.num_timesteps >= 2, "num_timesteps", ">= 2 with rescale_betas_zero_snr", c.num_timesteps)
+        _check(c.variance_type != "learned_range", "variance_type", "fixed with rescale_betas_zero_snr",
+               c.variance_type)
     if c.variance_type == "learned_range":
         requirement = "0 with learned_range (its hybrid loss has its own VLB term)"
         _check(c.original_elbo_weight == 0.0, "original_elbo_weight", requirement, c.original_elbo_weight)
+
+
+# --- EDM (Karras et al. 2022) ----------------------------------------------
+
+
+@dataclass
+class EDMConfig:
+    """EDM preconditioning, training noise levels and loss weight (YAML ``model.edm``, ``objective: edm``)."""
+
+    sigma_data: float = 0.5  # sigma_data: expected std of the training data (Table 1)
+    p_mean: float = -1.2  # P_mean: mean of ln(sigma) at training (Table 1)
+    p_std: float = 1.2  # P_std: std of ln(sigma) at training (Table 1)
+    sigma_min: float = 0.002  # smallest noise level a sampler visits (Table 1)
+    sigma_max: float = 80.0  # largest noise level, where sampling starts (Table 1)
+
+    def __post_init__(self) -> None:
+        for name in ("sigma_data", "p_mean", "p_std", "sigma_min", "sigma_max"):
+            value = getattr(self, name)
+            if not is_number(value) or not math.isfinite(value):
+                raise ConfigError(f"model.edm.{name}: must be a finite number, got {value!r}")
+        for name in ("sigma_data", "p_std", "sigma_min"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.edm.{name}: must be > 0, got {getattr(self, name)!r}")
+        if self.sigma_max <= self.sigma_min:
+            raise ConfigError(f"model.edm.sigma_max: must be > sigma_min ({self.sigma_min}), got {self.sigma_max!r}")
+
+
+# --- rectified flow / flow matching (Liu et al. 2023; Esser et al. 2024) ----
+
+FlowTimeSampling = Literal["uniform", "logit_normal", "mode"]
+
+
+@dataclass
+class RectifiedFlowConfig:
+    """Time distribution, shift and time scale of rectified flow (YAML ``model.flow``, ``objective: flow``)."""
+
+    num_train_timesteps: int = 1000  # T: the training time grid k / T and the backbone's time scale (it sees t * T)
+    time_sampling: FlowTimeSampling = "logit_normal"  # uniform | logit_normal | mode (Esser et al. 2024, Sec. 3.1)
+    logit_mean: float = 0.0  # logit_normal: mean m of the normal (> 0 favours low noise: the draw indexes a descending grid)
+    logit_std: float = 1.0  # logit_normal: its std s
+    mode_scale: float = 1.29  # mode: the scale s of f_mode(u; s) = 1 - u - s (cos^2(pi u / 2) - 1 + u), in [-1, 2/(pi-2)]
+    shift: float = 1.0  # SD3 shift s: t' = s t / (1 + (s - 1) t), at training and sampling (1 = none)
+
+    def __post_init__(self) -> None:
+        if self.time_sampling not in get_args(FlowTimeSampling):
+            raise ConfigError(f"model.flow.time_sampling: must be one of {list(get_args(FlowTimeSampling))}, "
+                              f"got {self.time_sampling!r}")
+        if not is_int(self.num_train_timesteps) or self.num_train_timesteps < 1:
+            raise ConfigError(f"model.flow.num_train_timesteps: must be an integer >= 1, "
+                              f"got {self.num_train_timesteps!r}")
+        for name in ("logit_mean", "logit_std", "mode_scale", "shift"):
+            value = getattr(self, name)
+            if not is_number(value) or not math.isfinite(value):
+                raise ConfigError(f"model.flow.{name}: must be a finite number, got {value!r}")
+        if self.logit_std <= 0:
+            raise ConfigError(f"model.flow.logit_std: must be > 0, got {self.logit_std!r}")
+        if self.shift <= 0:
+            raise ConfigError(f"model.flow.shift: must be > 0, got {self.shift!r}")
+        if not -1.0 <= self.mode_scale <= MODE_SCALE_MAX:  # f_mode stays monotone (Esser et al. 2024, Eq. 20)
+            raise ConfigError(f"model.flow.mode_scale: must be in [-1, {MODE_SCALE_MAX:.4f}], got {self.mode_scale!r}")
+
+
+MODE_SCALE_MAX = 2.0 / (math.pi - 2.0)  # the largest s for which f_mode(u; s) is monotone
 
 
 # --- bridge matching (Chadebec et al. 2025) ----------------------------------

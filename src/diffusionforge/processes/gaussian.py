@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 
 from diffusionforge.processes.config import GaussianDiffusionConfig
-from diffusionforge.processes.schedules import make_beta_schedule, schedule_tables, vlb_weights
+from diffusionforge.processes.schedules import (make_beta_schedule, rescale_zero_terminal_snr, schedule_tables,
+                                                vlb_weights)
 from diffusionforge.processes.loss_weighting import lognormal_timesteps, min_snr_weight, snr
 from diffusionforge.processes.vlb import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
@@ -81,6 +82,8 @@ class GaussianDiffusion(nn.Module):
             betas = make_beta_schedule(
                 config.beta_schedule, config.num_timesteps, config.linear_start, config.linear_end, config.cosine_s
             )
+            if config.rescale_betas_zero_snr:  # Lin et al. 2024, Algorithm 1
+                betas = rescale_zero_terminal_snr(betas)
         self._betas64 = betas.detach().to("cpu", torch.float64)  # exact source for respacing
         self.num_timesteps = len(self._betas64)
         tables = schedule_tables(self._betas64, config.v_posterior)
@@ -127,9 +130,12 @@ class GaussianDiffusion(nn.Module):
         return recip * x_t - recipm1 * eps
 
     def predict_eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        """Inverse of ``predict_x0_from_eps`` for eps."""
+        """Inverse of ``predict_x0_from_eps`` for eps; ``x_t`` itself where ``abar_t = 0`` (zero terminal SNR)."""
         recip, recipm1 = self._recip_roots(t, x_t)
-        return (recip * x_t - x0) / recipm1
+        eps = (recip * x_t - x0) / recipm1
+        if self.config.rescale_betas_zero_snr:  # inf / inf at abar_t = 0, where x_t = eps
+            eps = torch.where(_extract(self.alphas_cumprod, t, x_t) == 0, x_t, eps)
+        return eps
 
     def get_v(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """``v = sqrt(abar_t) eps - sqrt(1-abar_t) x0`` (Salimans & Ho 2022, Sec. 4)."""
@@ -225,6 +231,25 @@ class GaussianDiffusion(nn.Module):
             return lognormal_timesteps(self.alphas_cumprod, batch_size, self.config.lognormal_mean,
                                        self.config.lognormal_std, generator).to(device)
         return torch.randint(0, self.num_timesteps, (batch_size,), device=device, generator=generator)
+
+    def sample_noise(self, x0: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """eps ``(B, C, H, W)``: N(0, I), plus ``offset_noise * N(0, 1)`` per (B, C, 1, 1) (Guttenberg 2023)."""
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if self.config.offset_noise > 0:  # drawn only when on: the plain path's random numbers are unchanged
+            offset = torch.randn((*x0.shape[:2], *([1] * (x0.ndim - 2))), generator=generator, device=x0.device,
+                                 dtype=x0.dtype)
+            noise = noise + self.config.offset_noise * offset
+        return noise
+
+    def loss(self, net_fn, x0: Tensor, cond=None, generator: Optional[torch.Generator] = None) -> LossOutput:
+        """One training loss of ``net_fn(x_t, t, cond) -> output`` on ``x0: (B, C, H, W)`` (Ho Algorithm 1).
+
+        ``t ~ sample_timesteps``, ``eps ~ sample_noise``, ``x_t = q_sample(x0, t, eps)``, then ``training_loss``.
+        """
+        t = self.sample_timesteps(x0.shape[0], x0.device, generator)
+        noise = self.sample_noise(x0, generator)
+        x_t = self.q_sample(x0, t, noise)
+        return self.training_loss(net_fn(x_t, t, cond), x0, x_t, t, noise)
 
     def training_target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """The regression target ``(B, C, H, W)``: eps, x0 or v per ``prediction_type``."""

@@ -32,6 +32,15 @@ Schedules
   ``"cosine"`` evaluates the same ratios on a normalised grid and clips with
   ``np.clip(., 0, 0.999)``; it is the same function and differs from ours
   only in float rounding, but diffusers is the reference our tests pin.
+
+Zero terminal SNR (``rescale_zero_terminal_snr``; Lin et al. 2024, "Common
+Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1; diffusers'
+``rescale_betas_zero_snr``): shift ``sqrt(abar_t)`` so its last value is 0 and
+scale it so its first value is unchanged, ``sqrt(abar_t) <- (sqrt(abar_t) -
+sqrt(abar_{T-1})) sqrt(abar_0) / (sqrt(abar_0) - sqrt(abar_{T-1}))``, then
+read the betas back from the ratios. The last step is then pure noise
+(``abar_{T-1} = 0``, ``beta_{T-1} = 1``); only v-prediction can be trained
+there, and samplers must start at ``T - 1`` (``trailing`` spacing).
 """
 
 from __future__ import annotations
@@ -68,6 +77,16 @@ def cosine_betas(num_timesteps: int, linear_start: float, linear_end: float, cos
     f = torch.cos((grid + cosine_s) / (1.0 + cosine_s) * math.pi / 2) ** 2  # Eq. 17, N&D 2021
     betas = 1.0 - f[1:] / f[:-1]  # abar(t+1)/abar(t) = f(t+1)/f(t); f(0) cancels
     return betas.clamp(max=COSINE_MAX_BETA)
+
+
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """``betas: (T,)`` float64 rescaled so that ``abar_{T-1} = 0`` (Lin et al. 2024, Algorithm 1)."""
+    abar_sqrt = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * first / (first - last)  # last -> 0, first kept
+    abar = abar_sqrt**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
 
 
 BETA_SCHEDULES: Dict[str, Callable[[int, float, float, float], torch.Tensor]] = {
