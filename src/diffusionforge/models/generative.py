@@ -42,6 +42,10 @@ class SampleRequest:
     eta: float = 0.0
     spacing: str = "leading"  # which discrete timesteps (ddpm, ddim, and the sigma samplers' discrete schedule)
     schedule: str = "discrete"  # sigma schedule of the sigma samplers: discrete | karras | exponential
+    s_churn: float = 0.0  # euler / heun: stochasticity of Karras et al. 2022, Algorithm 2 (0 = the ODE)
+    s_tmin: float = 0.0  # churn only for sigma in [s_tmin, s_tmax]
+    s_tmax: float = float("inf")
+    s_noise: float = 1.0  # scale of the fresh noise (churn, ancestral and SDE samplers)
     guidance: float = 1.0
     guidance_channels: Optional[int] = None  # first k channels guided; None = all prediction channels
     clip_denoised: bool = True

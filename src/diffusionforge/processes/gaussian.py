@@ -302,6 +302,19 @@ class GaussianDiffusion(nn.Module):
         decoder_nll = -mean_flat(log_lik) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
+    # ---- the samplers' view -----------------------------------------------
+    def denoiser(self, net_fn):
+        """``samplers.denoiser.Denoiser``: ``D(x, sigma, cond) -> x0_hat`` of ``net_fn`` (x, original t, cond).
+
+        ``sigma_t = sqrt((1 - abar_t) / abar_t)``; the net sees ``x / sqrt(sigma^2 + 1)``
+        (k-diffusion ``DiscreteEpsDDPMDenoiser`` / ``DiscreteVDDPMDenoiser``).
+        """
+        from diffusionforge.samplers.denoiser import VPDenoiser
+
+        return VPDenoiser(net_fn, self.alphas_cumprod, self.config.prediction_type,
+                          learned_variance=self.config.variance_type == "learned_range",
+                          timestep_map=self.timestep_map)
+
     # ---- respacing ------------------------------------------------------
     def respaced(self, use_timesteps: Sequence[int]) -> "GaussianDiffusion":
         """A process over the kept steps only (improved-diffusion ``SpacedDiffusion``).

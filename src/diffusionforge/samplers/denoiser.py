@@ -105,3 +105,86 @@ def log_interp_t_to_sigma(t: Tensor, sigmas: Tensor) -> Tensor:
     low = t64.floor().long().clamp(max=len(sigmas) - 2)
     w = t64 - low
     return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp().to(t.dtype)
+
+
+# Zero-terminal-SNR schedules (Lin et al. 2024) reach abar = 0, an infinite sigma; the level is
+# clamped there as diffusers' EulerDiscreteScheduler does with rescale_betas_zero_snr.
+MIN_ALPHA_CUMPROD = 2.0**-24
+
+
+def _per_sample(values: Tensor, x: Tensor) -> Tensor:
+    """``values: (B,)`` as ``(B, 1, ..., 1)`` in x's dtype and device."""
+    return values.to(x.device, x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class VPDenoiser:
+    """``D(x, sigma, cond)`` of a discrete variance-preserving (Gaussian) process.
+
+    k-diffusion ``DiscreteEpsDDPMDenoiser`` / ``DiscreteVDDPMDenoiser``
+    (Karras et al. 2022, Table 1, "VP"): with ``abar = 1 / (1 + sigma^2)``,
+    ``x_VP = c_in x``, ``c_in = 1 / sqrt(sigma^2 + 1)``, and the network called
+    at the fractional training time ``t = sigma_to_t(sigma)``:
+
+        eps  D = x - sigma eps_theta                                   (c_skip 1, c_out -sigma)
+        x0   D = x0_theta
+        v    D = x / (sigma^2 + 1) - sigma / sqrt(sigma^2 + 1) v_theta  (Salimans & Ho 2022, App. D)
+
+    Args:
+        net_fn: ``(x_VP, t (B,) float32 original timesteps, cond) -> (B, C or 2C, H, W)``.
+        alphas_cumprod: ``(T,)`` abar of the process (read in float64).
+        prediction_type: ``eps`` | ``x0`` | ``v``.
+        learned_variance: the net returns 2C channels (DiT); the first C are the prediction.
+        timestep_map: ``(T,)`` original timestep of each index (a respaced process); None: identity.
+        quantize: call the net at the nearest integer time (k-diffusion ``quantize``; diffusers'
+            DPMSolverMultistepScheduler rounds its Karras timesteps so).
+    """
+
+    def __init__(self, net_fn: NetFn, alphas_cumprod: Tensor, prediction_type: str = "eps", *,
+                 learned_variance: bool = False, timestep_map: Optional[Tensor] = None,
+                 quantize: bool = False) -> None:
+        if prediction_type not in ("eps", "x0", "v"):
+            raise ValueError(f"prediction_type must be eps, x0 or v, got {prediction_type!r}")
+        abar = alphas_cumprod.detach().to("cpu", torch.float64).clamp(min=MIN_ALPHA_CUMPROD)
+        self.net_fn, self.prediction_type = net_fn, prediction_type
+        self.learned_variance, self.quantize = learned_variance, quantize
+        self.sigmas = ((1 - abar) / abar).sqrt()  # (T,) ascending, float64
+        self.sigma_min, self.sigma_max = float(self.sigmas[0]), float(self.sigmas[-1])
+        self.timestep_map = None if timestep_map is None else timestep_map.detach().to("cpu", torch.float64)
+
+    def sigma_to_t(self, sigma: Tensor) -> Tensor:
+        return log_interp_sigma_to_t(sigma, self.sigmas)
+
+    def t_to_sigma(self, t: Tensor) -> Tensor:
+        return log_interp_t_to_sigma(t, self.sigmas)
+
+    def prior_scale(self, sigma: float) -> float:
+        """``sqrt(sigma^2 + 1)``: ``x_T`` is the process's N(0, I) prior, ``x = x_T / sqrt(abar)``."""
+        return (sigma**2 + 1) ** 0.5
+
+    def model_time(self, sigma: Tensor) -> Tensor:
+        """``(B,)`` float32 timesteps the net was trained with, at levels ``sigma: (B,)``."""
+        t = self.sigma_to_t(sigma.to(torch.float64))
+        if self.quantize:
+            t = t.round()
+        if self.timestep_map is not None:  # linear between the kept steps' original timesteps
+            table = self.timestep_map.to(t.device)
+            low = t.floor().long().clamp(0, max(len(table) - 2, 0))
+            high = (low + 1).clamp(max=len(table) - 1)
+            t = table[low] + (t - low) * (table[high] - table[low])
+        return t.float()
+
+    def __call__(self, x: Tensor, sigma: Tensor, cond: Optional[Cond] = None) -> Tensor:
+        """``x: (B, C, H, W)`` (VE), ``sigma: (B,)`` -> ``x0_hat: (B, C, H, W)``."""
+        sigma = sigma.to(x.device, torch.float64).expand(x.shape[0])
+        scale = (sigma**2 + 1).rsqrt()  # c_in = sqrt(abar)
+        out = self.net_fn(x * _per_sample(scale, x), self.model_time(sigma), cond).to(x.dtype)
+        channels = x.shape[1]
+        expected = 2 * channels if self.learned_variance else channels
+        if out.shape[1] != expected:
+            raise ValueError(f"the net returns {out.shape[1]} channels, the process expects {expected}")
+        pred = out[:, :channels]
+        if self.prediction_type == "eps":
+            return x - _per_sample(sigma, x) * pred
+        if self.prediction_type == "x0":
+            return pred
+        return x * _per_sample(scale**2, x) - _per_sample(sigma * scale, x) * pred

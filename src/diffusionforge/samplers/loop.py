@@ -22,7 +22,7 @@ replaced by ``q_sample(x0_known, t, noise)``; after the last step by
 
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -33,8 +33,9 @@ from diffusionforge.processes.gaussian import GaussianDiffusion
 
 # Cond (conditioning/base.py) is the cond dict a ConditionerWrapper returns; None: unconditional
 DenoiseFn = Callable[[Tensor, Tensor, Optional[Cond]], Tensor]
-# callback(i, t, x, pred_x0) after each step: step index, timestep, new x, predicted x0.
-Callback = Callable[[int, int, Tensor, Tensor], None]
+# callback(i, level, x, pred_x0) after each step: step index, the level the step started from (the
+# process's timestep for ddpm/ddim, sigma for the sigma samplers), new x, predicted x0.
+Callback = Callable[[int, Any, Tensor, Tensor], None]
 
 
 class StepOutput(NamedTuple):
@@ -91,6 +92,46 @@ def _paste(x: Tensor, known: Tensor, mask: Tensor) -> Tensor:
     return mask * known + (1.0 - mask) * x
 
 
+# renoise(x0_known, level, noise) -> the known region at the level a step starts from
+Renoise = Callable[[Tensor, Any, Tensor], Tensor]
+
+
+def walk(
+    step: Callable[[Tensor, int, Any, Any], StepOutput],
+    x: Tensor,
+    pairs: Sequence[Tuple[Any, Any]],
+    renoise: Renoise,
+    *,
+    generator: Optional[torch.Generator] = None,
+    known_mask: Optional[Tensor] = None,
+    x0_known: Optional[Tensor] = None,
+    callback: Optional[Callback] = None,
+    progress: bool = True,
+    return_intermediates: bool = False,
+    desc: str = "sampling",
+) -> SampleOutput:
+    """Walk ``x: (B, C, H, W)`` through ``step(x, i, level, level_next)`` over the ``(level, level_next)`` pairs.
+
+    A level is a timestep (``sampling_loop``) or a sigma (the sigma samplers).
+    With a mask, the known region is set to ``renoise(x0_known, level, noise)``
+    before each step and to ``x0_known`` after the last.
+    """
+    _check_mask(known_mask, x0_known, x)
+    intermediates: List[Tensor] = []
+    for i, (level, level_next) in enumerate(tqdm(pairs, desc=desc, disable=not progress)):
+        if known_mask is not None:  # noise the known region to the step's level (LDM p_sample_loop)
+            x = _paste(x, renoise(x0_known, level, randn(x, generator)), known_mask)
+        out = step(x, i, level, level_next)
+        x = out.prev_sample
+        if known_mask is not None and i == len(pairs) - 1:
+            x = _paste(x, x0_known, known_mask)
+        if callback is not None:
+            callback(i, level, x, out.pred_x0)
+        if return_intermediates:
+            intermediates.append(x)
+    return SampleOutput(x, intermediates)
+
+
 def sampling_loop(
     step: StepFn,
     process: GaussianDiffusion,
@@ -105,18 +146,10 @@ def sampling_loop(
     return_intermediates: bool = False,
     desc: str = "sampling",
 ) -> SampleOutput:
-    """Walk ``x: (B, C, H, W)`` through ``step`` over the ``(t, t_next)`` pairs."""
-    _check_mask(known_mask, x0_known, x)
-    intermediates: List[Tensor] = []
-    for i, (t, t_next) in enumerate(tqdm(pairs, desc=desc, disable=not progress)):
-        if known_mask is not None:  # noise the known region to level t (LDM p_sample_loop)
-            x = _paste(x, process.q_sample(x0_known, batch_t(t, x), randn(x, generator)), known_mask)
-        out = step(x, i, t, t_next)
-        x = out.prev_sample
-        if known_mask is not None and i == len(pairs) - 1:
-            x = _paste(x, x0_known, known_mask)
-        if callback is not None:
-            callback(i, t, x, out.pred_x0)
-        if return_intermediates:
-            intermediates.append(x)
-    return SampleOutput(x, intermediates)
+    """Walk ``x: (B, C, H, W)`` through ``step`` over the ``(t, t_next)`` timestep pairs of ``process``."""
+
+    def renoise(x0: Tensor, t: int, noise: Tensor) -> Tensor:
+        return process.q_sample(x0, batch_t(t, x0), noise)
+
+    return walk(step, x, pairs, renoise, generator=generator, known_mask=known_mask, x0_known=x0_known,
+                callback=callback, progress=progress, return_intermediates=return_intermediates, desc=desc)

@@ -13,7 +13,7 @@ from typing import Literal, get_args
 SamplerName = Literal[
     "ddpm", "ddim",  # the process's own ancestral / DDIM steps (timestep spacing)
     "euler", "euler_ancestral", "heun",  # Karras et al. 2022; k-diffusion
-    "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde",  # DPM-Solver++ (Lu et al. 2022)
+    "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "dpmpp_3m_sde",  # DPM-Solver++ multistep (Lu et al. 2022)
     "unipc",  # UniPC bh2 (Zhao et al. 2023)
     "pndm", "plms",  # Liu et al. 2022 (PNDM); PLMS = its linear multistep part (LDM)
     "flow_euler",  # Euler in flow time for rectified-flow processes (diffusers FlowMatchEulerDiscreteScheduler)

@@ -10,7 +10,10 @@ from typing import Callable, Dict, NamedTuple, Tuple
 
 from diffusionforge.samplers.ddim import sample_ddim
 from diffusionforge.samplers.ddpm import sample_ddpm
+from diffusionforge.samplers.dpmpp import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde
+from diffusionforge.samplers.k_samplers import euler, euler_ancestral, heun
 from diffusionforge.samplers.loop import SampleOutput
+from diffusionforge.samplers.sigma_sampler import registry_sampler
 
 SamplerFn = Callable[..., SampleOutput]
 
@@ -26,3 +29,15 @@ SAMPLERS: Dict[str, SamplerEntry] = {
     "ddpm": SamplerEntry(sample_ddpm, ("spacing", "clip_denoised")),
     "ddim": SamplerEntry(sample_ddim, ("spacing", "eta", "clip_denoised")),
 }
+
+SIGMA_OPTIONS = ("schedule", "spacing", "clip_denoised")  # every sigma sampler (sigma_sampler.registry_sampler)
+CHURN_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise")  # Karras et al. 2022, Algorithm 2
+SAMPLERS.update({
+    "euler": SamplerEntry(registry_sampler(euler), SIGMA_OPTIONS + CHURN_OPTIONS),
+    "euler_ancestral": SamplerEntry(registry_sampler(euler_ancestral), SIGMA_OPTIONS + ("s_noise",)),
+    "heun": SamplerEntry(registry_sampler(heun), SIGMA_OPTIONS + CHURN_OPTIONS),
+    "dpmpp_2m": SamplerEntry(registry_sampler(dpmpp_2m), SIGMA_OPTIONS),
+    "dpmpp_3m": SamplerEntry(registry_sampler(dpmpp_3m), SIGMA_OPTIONS),
+    "dpmpp_2m_sde": SamplerEntry(registry_sampler(dpmpp_2m_sde), SIGMA_OPTIONS + ("s_noise",)),
+    "dpmpp_3m_sde": SamplerEntry(registry_sampler(dpmpp_3m_sde), SIGMA_OPTIONS + ("s_noise",)),
+})
