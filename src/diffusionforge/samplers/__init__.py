@@ -5,7 +5,7 @@ The registry (``registry.py``)
 ``SAMPLERS: dict[str, SamplerEntry]`` maps each name of ``names.SAMPLER_NAMES``
 (torch-free, what the CLI and ``SampleConfig`` offer) to a ``SamplerEntry``:
 
-    SamplerEntry(fn, options=("spacing", "schedule", ...))
+    SamplerEntry(fn, options=("spacing", "schedule", ...), objectives=("ddpm",))
 
 ``fn`` has the one signature every sampler shares::
 
@@ -31,6 +31,10 @@ The registry (``registry.py``)
 ``schedule`` (``names.SCHEDULE_NAMES``), ``eta``, ``clip_denoised``,
 ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``. ``GenerativeModel.sample``
 passes exactly those, so a sampler never sees a keyword it does not take.
+``objectives`` lists the ``model.objective`` values (``ddpm``, ``edm``,
+``flow``: which process) ``fn`` can walk; the default is ``("ddpm",)``, the
+sigma samplers take all three, and a request for another is refused with the
+names that fit.
 
 DDPM and DDIM walk ``GaussianDiffusion`` in its own discrete time; the sigma
 samplers (``k_samplers.py``: Euler, Heun, DPM-Solver++, ...) walk

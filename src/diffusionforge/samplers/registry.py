@@ -18,26 +18,30 @@ from diffusionforge.samplers.sigma_sampler import registry_sampler
 SamplerFn = Callable[..., SampleOutput]
 
 
+ALL_OBJECTIVES = ("ddpm", "edm", "flow")  # processes.config.Objective: every process has a denoiser
+
+
 class SamplerEntry(NamedTuple):
-    """A registered sampler: the function and the request fields it takes as keywords."""
+    """A registered sampler: the function, the request fields it takes, the processes it walks."""
 
     fn: SamplerFn  # the one signature of the package docstring
     options: Tuple[str, ...] = ()  # SampleRequest fields passed by name (spacing, schedule, eta, ...)
+    objectives: Tuple[str, ...] = ("ddpm",)  # model.objective values whose process fn takes
 
 
-SAMPLERS: Dict[str, SamplerEntry] = {
+SAMPLERS: Dict[str, SamplerEntry] = {  # the discrete Gaussian process's own samplers
     "ddpm": SamplerEntry(sample_ddpm, ("spacing", "clip_denoised")),
     "ddim": SamplerEntry(sample_ddim, ("spacing", "eta", "clip_denoised")),
 }
 
 SIGMA_OPTIONS = ("schedule", "spacing", "clip_denoised")  # every sigma sampler (sigma_sampler.registry_sampler)
 CHURN_OPTIONS = ("s_churn", "s_tmin", "s_tmax", "s_noise")  # Karras et al. 2022, Algorithm 2
-SAMPLERS.update({
-    "euler": SamplerEntry(registry_sampler(euler), SIGMA_OPTIONS + CHURN_OPTIONS),
-    "euler_ancestral": SamplerEntry(registry_sampler(euler_ancestral), SIGMA_OPTIONS + ("s_noise",)),
-    "heun": SamplerEntry(registry_sampler(heun), SIGMA_OPTIONS + CHURN_OPTIONS),
-    "dpmpp_2m": SamplerEntry(registry_sampler(dpmpp_2m), SIGMA_OPTIONS),
-    "dpmpp_3m": SamplerEntry(registry_sampler(dpmpp_3m), SIGMA_OPTIONS),
-    "dpmpp_2m_sde": SamplerEntry(registry_sampler(dpmpp_2m_sde), SIGMA_OPTIONS + ("s_noise",)),
-    "dpmpp_3m_sde": SamplerEntry(registry_sampler(dpmpp_3m_sde), SIGMA_OPTIONS + ("s_noise",)),
+SAMPLERS.update({  # the sigma samplers: any process, through process.denoiser
+    "euler": SamplerEntry(registry_sampler(euler), SIGMA_OPTIONS + CHURN_OPTIONS, ALL_OBJECTIVES),
+    "euler_ancestral": SamplerEntry(registry_sampler(euler_ancestral), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
+    "heun": SamplerEntry(registry_sampler(heun), SIGMA_OPTIONS + CHURN_OPTIONS, ALL_OBJECTIVES),
+    "dpmpp_2m": SamplerEntry(registry_sampler(dpmpp_2m), SIGMA_OPTIONS, ALL_OBJECTIVES),
+    "dpmpp_3m": SamplerEntry(registry_sampler(dpmpp_3m), SIGMA_OPTIONS, ALL_OBJECTIVES),
+    "dpmpp_2m_sde": SamplerEntry(registry_sampler(dpmpp_2m_sde), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
+    "dpmpp_3m_sde": SamplerEntry(registry_sampler(dpmpp_3m_sde), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
 })
