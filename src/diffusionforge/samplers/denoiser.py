@@ -107,8 +107,8 @@ def log_interp_t_to_sigma(t: Tensor, sigmas: Tensor) -> Tensor:
     return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp().to(t.dtype)
 
 
-# Zero-terminal-SNR schedules (Lin et al. 2024) reach abar = 0, an infinite sigma; the level is
-# clamped there as diffusers' EulerDiscreteScheduler does with rescale_betas_zero_snr.
+# Zero-terminal-SNR schedules (Lin et al. 2024) reach abar = 0, an infinite sigma; that abar is
+# replaced by this, as diffusers' EulerDiscreteScheduler does with rescale_betas_zero_snr.
 MIN_ALPHA_CUMPROD = 2.0**-24
 
 
@@ -144,7 +144,8 @@ class VPDenoiser:
                  quantize: bool = False) -> None:
         if prediction_type not in ("eps", "x0", "v"):
             raise ValueError(f"prediction_type must be eps, x0 or v, got {prediction_type!r}")
-        abar = alphas_cumprod.detach().to("cpu", torch.float64).clamp(min=MIN_ALPHA_CUMPROD)
+        abar = alphas_cumprod.detach().to("cpu", torch.float64)
+        abar = torch.where(abar > 0, abar, torch.full_like(abar, MIN_ALPHA_CUMPROD))  # only a zero terminal SNR
         self.net_fn, self.prediction_type = net_fn, prediction_type
         self.learned_variance, self.quantize = learned_variance, quantize
         self.sigmas = ((1 - abar) / abar).sqrt()  # (T,) ascending, float64
