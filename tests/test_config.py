@@ -33,7 +33,7 @@ def test_yaml_file_layer(tmp_path):
     ("model.unet.nonsense=1", "unknown config key 'model.unet.nonsense'"),
     ("trainer.max_steps=abc", "trainer.max_steps"),
     ("model.process.beta_schedule=quadratic", "model.process.beta_schedule"),
-    ("sample.sampler=euler", "sample.sampler"),
+    ("sample.sampler=euler_sde", "sample.sampler"),
     ("max_steps", "key.sub=value"),
 ])
 def test_bad_override_is_one_line_error_naming_key(override, pattern):

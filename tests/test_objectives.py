@@ -89,12 +89,12 @@ def test_edm_denoiser_calls_the_network_as_edmprecond():
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     sigma = torch.tensor([0.01, 1.0, 40.0], dtype=torch.float64)
     D = process.denoise(net, x, sigma)
-    c = process.precondition(sigma.float())
+    c = process.precondition(sigma)
     seen_x, seen_t = net.calls[-1]
-    assert torch.allclose(seen_x, c.c_in.double().reshape(-1, 1, 1, 1) * x)
-    assert torch.allclose(seen_t, torch.log(sigma.float()) / 4)
+    assert torch.allclose(seen_x, c.c_in.reshape(-1, 1, 1, 1) * x)
+    assert torch.allclose(seen_t, torch.log(sigma) / 4)
     F = net(seen_x, seen_t)
-    expected = c.c_skip.double().reshape(-1, 1, 1, 1) * x + c.c_out.double().reshape(-1, 1, 1, 1) * F
+    expected = c.c_skip.reshape(-1, 1, 1, 1) * x + c.c_out.reshape(-1, 1, 1, 1) * F
     assert torch.allclose(D, expected)
 
 

@@ -20,6 +20,7 @@ from ..data.config import DataConfig
 from ..first_stage.config import AutoencoderConfig
 from ..losses.config import AutoencoderLossConfig
 from ..processes.config import BridgeMatchingConfig, EDMConfig, GaussianDiffusionConfig, Objective, RectifiedFlowConfig
+from ..samplers.names import SamplerName
 from .trainer_values import check_trainer_values
 
 
@@ -107,7 +108,7 @@ class TrainerConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: Literal["ddpm", "ddim"] = "ddim"   # sampler for grids and the default of `dforge sample`
+    sampler: SamplerName = "ddim"          # sampler for grids and the default of `dforge sample` (samplers.names)
     steps: int = 50                        # sampling steps (ddpm: None-equivalent when = num_timesteps)
     eta: float = 0.0                       # DDIM eta (0 = deterministic)
     spacing: Literal["leading", "trailing", "linspace"] = "leading"  # timestep spacing

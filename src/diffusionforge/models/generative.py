@@ -128,7 +128,7 @@ class GenerativeModel(NetworkModule):
         k = request.guidance_channels
         if k is not None and not 1 <= k <= channels:
             raise ValueError(f"guidance_channels must be in 1..{channels} (the prediction's channels), got {k}")
-        learned = self.process.config.variance_type == "learned_range"
+        learned = getattr(self.process.config, "variance_type", None) == "learned_range"  # EDM / flow: never
         return k if k is not None else (channels if learned else None)
 
     @torch.no_grad()

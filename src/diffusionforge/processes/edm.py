@@ -80,7 +80,7 @@ class EDMProcess(nn.Module):
 
     def denoise(self, net_fn: NetFn, x: Tensor, sigma: Tensor, cond: Optional[Cond] = None) -> Tensor:
         """``D_theta(x; sigma) = c_skip x + c_out F_theta(c_in x, c_noise, cond)`` (Eq. 7); x: (B, C, H, W)."""
-        c = self.precondition(sigma.to(x.device, torch.float32))
+        c = self.precondition(sigma.to(x.device))  # in sigma's precision (float64 from the samplers)
         out = net_fn(per_sample(c.c_in, x) * x, c.c_noise, cond)[:, : x.shape[1]]
         return per_sample(c.c_skip, x) * x + per_sample(c.c_out, x) * out.to(x.dtype)
 

@@ -196,7 +196,7 @@ class FlowDenoiser:
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Optional[Cond] = None) -> Tensor:
         """x: (B, C, H, W) in VE coordinates, sigma: (B,) -> x0_hat (B, C, H, W)."""
-        sigma = sigma.to(x.device, torch.float32)
+        sigma = sigma.to(x.device)  # (B,), in its own precision (float64 from the samplers)
         t = sigma / (1 + sigma)  # (B,)
         x_t = x / per_sample(1 + sigma, x)
         v = self.net_fn(x_t, self.process.model_time(t), cond)[:, : x.shape[1]].to(x.dtype)
