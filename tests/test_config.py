@@ -34,6 +34,7 @@ def test_yaml_file_layer(tmp_path):
     ("trainer.max_steps=abc", "trainer.max_steps"),
     ("model.process.beta_schedule=quadratic", "model.process.beta_schedule"),
     ("sample.sampler=euler_sde", "sample.sampler"),
+    ("sample.schedule=cosine", "sample.schedule"),
     ("max_steps", "key.sub=value"),
 ])
 def test_bad_override_is_one_line_error_naming_key(override, pattern):

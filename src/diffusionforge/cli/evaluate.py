@@ -15,14 +15,14 @@ from .sample import add_sampling_arguments
 EXAMPLE = """example:
   dforge evaluate runs/fashion-ddpm-20261123-101500 --num 10000 --sampler ddim --steps 50 \\
       --guidance 2 --seed 0 --features fashion-mnist
-writes RUN_DIR/metrics.json: the numbers and the protocol (samples, sampler, steps, guidance,
+writes RUN_DIR/metrics.json: the numbers and the protocol (samples, sampler, schedule, steps, guidance,
 seed, EMA or raw weights, precision, feature network and its sha256, reference split and size, version,
 git commit).
 
 autoencoder runs (task=autoencoder, e.g. `dforge train fashion-vae`) are scored by
 reconstructing the first --num test images through the posterior mode: PSNR, SSIM,
 rFID and rKID against those images; --batch-size, --features and --out apply, the
-sampling flags (--sampler, --steps, --eta, --guidance, --seed, --raw, --precision) are ignored:
+sampling flags (--sampler, --schedule, --steps, --eta, --guidance, --seed, --raw, --precision) are ignored:
   dforge evaluate runs/fashion-vae --num 10000
 
 bridge runs (task=bridge, e.g. `dforge train fashion-lbm-sr`) are scored on the first --num
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     from ..runs import open_run, write_json
     from ..tasks import EvalOptions, task_of
 
-    run_dir, config = open_run(args.run_dir)
+    schedule = [f"sample.schedule={args.schedule}"] if args.schedule else []  # --schedule: the run's, overridden
+    run_dir, config = open_run(args.run_dir, schedule)
     out = check_output_file(args.out or Path(args.run_dir) / "metrics.json", JSON)
     options = EvalOptions(num=args.num, steps=args.steps, sampler=args.sampler, eta=args.eta,
                           guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,

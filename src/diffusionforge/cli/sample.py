@@ -10,15 +10,23 @@ from ..utils.outputs import PNG, check_output_file
 
 EXAMPLE = """example:
   dforge sample runs/fashion-ddpm-20261123-101500 --num 64 --sampler ddim --steps 50 \\
-      --guidance 2 --seed 0 --class 7 --out sneakers.png"""
+      --guidance 2 --seed 0 --class 7 --out sneakers.png
+  dforge sample runs/fashion-ddpm-20261123-101500 --sampler dpmpp_2m --schedule karras --steps 10"""
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, num: int, batch_size: int,
                            steps_help: str = "sampling steps (default 50)", steps_nargs=None) -> None:
     """RUN_DIR and the options shared by `sample`, `story` and `evaluate` (read by request_of)."""
+    from ..samplers.names import SAMPLER_NAMES, SCHEDULE_NAMES  # torch-free
+
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory made by `dforge train`")
     p.add_argument("--num", type=int, default=num, help=f"number of images (default {num})")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim", help="(default ddim)")
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, metavar="SAMPLER",
+                   help=f"one of {', '.join(SAMPLER_NAMES)} (default: the run's sample.sampler, usually ddim); "
+                        "ddpm/ddim/pndm/plms/unipc walk DDPM runs, flow_euler flow runs, the others any run")
+    p.add_argument("--schedule", choices=SCHEDULE_NAMES, default=None,
+                   help="sigma schedule of euler/heun/dpmpp_*: discrete (the run's timesteps, sample.spacing), "
+                        "karras (rho 7) or exponential (default: the run's sample.schedule, usually discrete)")
     p.add_argument("--steps", type=int, default=None if steps_nargs else 50, nargs=steps_nargs, help=steps_help)
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta, 0 = deterministic (default 0)")
     p.add_argument("--guidance", type=float, default=None,
@@ -33,11 +41,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser, num: int, batch_size: int
 
 
 def request_of(args: argparse.Namespace, config):
-    """The sampling request of --sampler/--steps/--eta/--guidance/--raw/--precision for the run's config."""
+    """The sampling request of --sampler/--schedule/--steps/--eta/--guidance/--raw/--precision for the run."""
     from ..tasks.diffusion import sample_request
 
     return sample_request(config, args.sampler, args.steps, args.eta, args.guidance, use_ema=not args.raw,
-                          precision=args.precision)
+                          precision=args.precision, schedule=args.schedule)
 
 
 def add_parser(sub) -> None:

@@ -20,7 +20,7 @@ from ..data.config import DataConfig
 from ..first_stage.config import AutoencoderConfig
 from ..losses.config import AutoencoderLossConfig
 from ..processes.config import BridgeMatchingConfig, EDMConfig, GaussianDiffusionConfig, Objective, RectifiedFlowConfig
-from ..samplers.names import SamplerName
+from ..samplers.names import SamplerName, ScheduleName
 from .trainer_values import check_trainer_values
 
 
@@ -111,7 +111,8 @@ class SampleConfig:
     sampler: SamplerName = "ddim"          # sampler for grids and the default of `dforge sample` (samplers.names)
     steps: int = 50                        # sampling steps (ddpm: None-equivalent when = num_timesteps)
     eta: float = 0.0                       # DDIM eta (0 = deterministic)
-    spacing: Literal["leading", "trailing", "linspace"] = "leading"  # timestep spacing
+    spacing: Literal["leading", "trailing", "linspace"] = "leading"  # timestep spacing (ddpm, ddim, the discrete schedule)
+    schedule: ScheduleName = "discrete"    # sigma schedule of the sigma samplers (euler, heun, dpmpp_*): discrete | karras | exponential
     guidance: float = 2.0                  # classifier-free guidance scale (1 = off)
     guidance_channels: Optional[int] = None  # guide the first k output channels; None = all C prediction channels (DiT's published sampler: 3)
     clip_denoised: bool = True             # clip predicted x0 to [-1, 1] while sampling

@@ -112,7 +112,7 @@ def evaluate_run(model: GenerativeModel, config, request: SampleRequest, num: in
                         sampling_seconds)
     protocol = EvalProtocol(
         num_samples=num, sampler=request.sampler, steps=request.steps, eta=request.eta,
-        spacing=request.spacing, guidance=request.guidance,
+        spacing=request.spacing, schedule=request.schedule, guidance=request.guidance,
         guidance_channels=request.guidance_channels, seed=seed,
         weights="ema" if request.use_ema else "raw", precision=request.precision,
         features=network.name, features_sha256=network.sha256,

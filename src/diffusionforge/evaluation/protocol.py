@@ -18,10 +18,11 @@ from .. import __version__
 @dataclass
 class EvalProtocol:
     num_samples: int           # generated images scored
-    sampler: str               # ddpm | ddim
+    sampler: str               # a samplers.names.SAMPLER_NAMES name: ddpm, ddim, euler, heun, dpmpp_2m, ...
     steps: int                 # sampling steps
     eta: float                 # DDIM eta
     spacing: str               # timestep spacing
+    schedule: str              # sigma schedule of the sigma samplers: discrete | karras | exponential
     guidance: float            # classifier-free guidance scale
     guidance_channels: Optional[int]  # output channels guided; None = all prediction channels
     seed: int                  # seed of the sampling noise

@@ -49,10 +49,11 @@ class StoryProtocol:
     frames: int                # frames per story
     mode: str                  # visualisation | continuation (frame 0 real)
     history: bool              # the model attends to earlier (caption, frame) pairs
-    sampler: str
+    sampler: str               # a samplers.names.SAMPLER_NAMES name
     steps: int
     eta: float
     spacing: str
+    schedule: str              # sigma schedule of the sigma samplers: discrete | karras | exponential
     guidance: float
     seed: int
     weights: str               # ema | raw
@@ -100,7 +101,7 @@ def evaluate_story_run(model, config, num: int, request, seed: int = 0, batch_si
     protocol = StoryProtocol(
         num_stories=len(subset), frames=story.frames, mode=model.story_mode, history=story_cfg.history,
         sampler=request.sampler, steps=request.steps, eta=request.eta, spacing=request.spacing,
-        guidance=request.guidance, seed=seed, weights="ema" if request.use_ema else "raw",
+        schedule=request.schedule, guidance=request.guidance, seed=seed, weights="ema" if request.use_ema else "raw",
         precision=request.precision, classifier=network.name, classifier_sha256=network.sha256,
         crop_mode=CROP_MODE,
         reference_split=f"{story.source}/test stories (data.story.seed={story.seed})",

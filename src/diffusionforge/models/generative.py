@@ -30,7 +30,8 @@ from ..conditioning import Cond, ConditionerWrapper
 from ..conditioning.labels import LabelConditioning
 from ..config.schema import OptimConfig, SampleConfig
 from ..processes.gaussian import GaussianDiffusion
-from ..samplers import SAMPLERS, SamplePrecision, autocast_denoise, classifier_free_guidance
+from ..processes.registry import OBJECTIVES
+from ..samplers import SamplePrecision, autocast_denoise, classifier_free_guidance, sampler_entry
 from .base import NetworkModule
 
 
@@ -109,13 +110,18 @@ class GenerativeModel(NetworkModule):
                                                    guided_channels=self.guided_channels(request))
             x_T = torch.randn((num, *self.latent_shape), generator=generator,
                               device=self.device)
-            entry = SAMPLERS[request.sampler]
+            entry = sampler_entry(request.sampler, self.objective)
             options = {name: getattr(request, name) for name in entry.options}
             out = entry.fn(denoise, self.process, x_T, cond, num_steps=request.steps, generator=generator,
                            known_mask=known_mask, x0_known=x0_known, progress=request.progress, **options)
             return self.first_stage.decode(out.sample).clamp(-1, 1)
         finally:
             net.train(was_training)
+
+    @property
+    def objective(self) -> str:
+        """``model.objective`` of the process (``processes.registry.OBJECTIVES``): which samplers fit."""
+        return next(name for name, entry in OBJECTIVES.items() if isinstance(self.process, entry.process))
 
     def guided_channels(self, request: SampleRequest) -> Optional[int]:
         """Output channels guidance mixes: the request's k, else every prediction channel.
@@ -172,7 +178,7 @@ class GenerativeModel(NetworkModule):
         """How the validation / final grids are sampled: the run's ``sample`` section."""
         cfg = self.sample_config
         return SampleRequest(sampler=cfg.sampler, steps=cfg.steps, eta=cfg.eta, spacing=cfg.spacing,
-                             guidance=cfg.guidance, guidance_channels=cfg.guidance_channels,
+                             schedule=cfg.schedule, guidance=cfg.guidance, guidance_channels=cfg.guidance_channels,
                              clip_denoised=cfg.clip_denoised)
 
     @torch.no_grad()

@@ -67,12 +67,14 @@ __all__ = [
     "make_timesteps",
     "sample_ddim",
     "sample_ddpm",
+    "sampler_entry",
     "sampling_loop",
 ]
 
 __getattr__, __dir__ = lazy_attributes(__name__, {
     "SAMPLERS": ".registry",
     "SamplerEntry": ".registry",
+    "sampler_entry": ".registry",
     "SAMPLER_NAMES": ".names",
     "SCHEDULE_NAMES": ".names",
     "Callback": ".loop",

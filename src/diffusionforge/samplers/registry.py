@@ -45,3 +45,14 @@ SAMPLERS.update({  # the sigma samplers: any process, through process.denoiser
     "dpmpp_2m_sde": SamplerEntry(registry_sampler(dpmpp_2m_sde), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
     "dpmpp_3m_sde": SamplerEntry(registry_sampler(dpmpp_3m_sde), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
 })
+
+
+def sampler_entry(name: str, objective: str = "ddpm") -> SamplerEntry:
+    """The entry of sampler ``name`` for a run of ``objective``; ValueError naming the samplers that fit."""
+    fitting = [n for n, entry in SAMPLERS.items() if objective in entry.objectives]
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; the samplers of objective {objective}: {', '.join(fitting)}")
+    if objective not in SAMPLERS[name].objectives:
+        raise ValueError(f"sampler {name} walks {'/'.join(SAMPLERS[name].objectives)} runs, not objective "
+                         f"{objective}; its samplers: {', '.join(fitting)}")
+    return SAMPLERS[name]

@@ -40,18 +40,28 @@ def build_diffusion_model(config: ExperimentConfig, num_classes: Optional[int] =
                            **model_parts(config, autoencoder, sample_dir, learned_variance=learned))
 
 
-def sample_request(config: ExperimentConfig, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+def sample_request(config: ExperimentConfig, sampler: Optional[str] = None, steps: int = 50, eta: float = 0.0,
                    guidance: Optional[float] = None, use_ema: bool = True, precision: str = "fp32",
-                   progress: bool = False) -> SampleRequest:
-    """How to walk the run's process: the given settings, the rest from the run's ``sample`` section."""
-    if steps > config.model.process.num_timesteps:
+                   progress: bool = False, schedule: Optional[str] = None) -> SampleRequest:
+    """How to walk the run's process: the given settings, the rest (sampler, schedule, guidance, spacing)
+    from the run's ``sample`` section."""
+    from ..samplers.registry import sampler_entry
+
+    sampler = config.sample.sampler if sampler is None else sampler
+    schedule = config.sample.schedule if schedule is None else schedule
+    try:
+        entry = sampler_entry(sampler, config.model.objective)
+    except ValueError as err:
+        raise ConfigError(f"--sampler: {err}") from None
+    discrete = config.model.objective == "ddpm" and ("schedule" not in entry.options or schedule == "discrete")
+    if discrete and steps > config.model.process.num_timesteps:
         raise ConfigError(f"--steps {steps} exceeds the process's {config.model.process.num_timesteps} timesteps")
     if not (math.isfinite(eta) and eta >= 0):
         raise ConfigError(f"--eta: must be a number >= 0, got {eta}")
     if guidance is not None and not math.isfinite(guidance):
         raise ConfigError(f"--guidance: must be a finite number, got {guidance}")
     return SampleRequest(
-        sampler=sampler, steps=steps, eta=eta, spacing=config.sample.spacing,
+        sampler=sampler, steps=steps, eta=eta, spacing=config.sample.spacing, schedule=schedule,
         guidance=config.sample.guidance if guidance is None else guidance,
         guidance_channels=config.sample.guidance_channels, clip_denoised=config.sample.clip_denoised,
         use_ema=use_ema, precision=precision, progress=progress)
