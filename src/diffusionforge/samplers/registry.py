@@ -11,6 +11,7 @@ from typing import Callable, Dict, NamedTuple, Tuple
 from diffusionforge.samplers.ddim import sample_ddim
 from diffusionforge.samplers.ddpm import sample_ddpm
 from diffusionforge.samplers.dpmpp import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde
+from diffusionforge.samplers.flow_euler import sample_flow_euler
 from diffusionforge.samplers.k_samplers import euler, euler_ancestral, heun
 from diffusionforge.samplers.loop import SampleOutput
 from diffusionforge.samplers.sigma_sampler import registry_sampler
@@ -45,6 +46,7 @@ SAMPLERS.update({  # the sigma samplers: any process, through process.denoiser
     "dpmpp_2m_sde": SamplerEntry(registry_sampler(dpmpp_2m_sde), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
     "dpmpp_3m_sde": SamplerEntry(registry_sampler(dpmpp_3m_sde), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
 })
+SAMPLERS["flow_euler"] = SamplerEntry(sample_flow_euler, ("clip_denoised",), ("flow",))  # flow time, diffusers' grid
 
 
 def sampler_entry(name: str, objective: str = "ddpm") -> SamplerEntry:
