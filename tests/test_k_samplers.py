@@ -10,6 +10,7 @@ largest value of the trajectory's end (``assert_near``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import diffusers.schedulers.scheduling_dpmsolver_multistep as dpm_module
@@ -21,9 +22,16 @@ from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteSchedu
 
 import diffusionforge.samplers.dpmpp as dpmpp_module
 import diffusionforge.samplers.k_samplers as k_module
+from diffusionforge.models.generative import SampleRequest
+from diffusionforge.processes import GaussianDiffusion, GaussianDiffusionConfig
+from diffusionforge.processes.config import EDMConfig, RectifiedFlowConfig
+from diffusionforge.processes.edm import EDMProcess
+from diffusionforge.processes.flow import RectifiedFlow
+from diffusionforge.samplers import SAMPLERS, classifier_free_guidance, sampler_entry
 from diffusionforge.samplers.denoiser import VPDenoiser
 from diffusionforge.samplers.dpmpp import dpmpp_multistep
 from diffusionforge.samplers.k_samplers import euler, euler_ancestral, heun
+from diffusionforge.samplers.names import SAMPLER_NAMES
 from diffusionforge.samplers.sigmas import make_sigmas
 
 SHAPE = (2, 3, 6, 6)
@@ -280,3 +288,135 @@ def test_heun_is_edm_algorithm_2(s_churn, s_tmin, s_tmax, s_noise, monkeypatch):
     ours = heun(D, x, sigmas, progress=False, s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
     reference = edm_algorithm_2(D, sigmas, x, queue.noises, s_churn, s_tmin, s_tmax, s_noise)
     torch.testing.assert_close(ours.sample, reference, rtol=1e-12, atol=1e-12)
+
+
+# ---- the denoiser view of GaussianDiffusion --------------------------------------------------------------
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_vp_denoiser_is_the_process_x0_at_integer_timesteps(prediction):
+    """D(x_VE, sigma_t) equals the process's own x0 from the net's output at x_VP = x_VE / sqrt(1 + sigma^2)."""
+    process = GaussianDiffusion(GaussianDiffusionConfig(prediction_type=prediction))
+    net = FixedNet(seed=2)
+    denoiser = process.denoiser(net)
+    t = torch.tensor([0, 17, 500, 999])
+    sigma = denoiser.sigmas[t]
+    x_vp = start_noise().repeat(2, 1, 1, 1).double()
+    x_ve = x_vp * (1 + sigma**2).sqrt().reshape(-1, 1, 1, 1)
+    expected, _ = process.double().model_output_to_x0_eps(net(x_vp, t.double()), x_vp, t)
+    assert_near(denoiser(x_ve, sigma), expected, tol=1e-7)  # the process's tables are float32
+
+
+def test_vp_denoiser_reads_the_first_channels_of_a_learned_variance():
+    process = GaussianDiffusion(GaussianDiffusionConfig(variance_type="learned_range"))
+    net = FixedNet(seed=2)
+    wide = lambda x, t, cond=None: torch.cat([net(x, t), 100 + x], dim=1)  # noqa: E731  (B, 2C, H, W)
+    x, sigma = start_noise(), torch.full((SHAPE[0],), 3.0, dtype=torch.float64)
+    torch.testing.assert_close(process.denoiser(wide)(x, sigma), GaussianDiffusion().denoiser(net)(x, sigma))
+    with pytest.raises(ValueError, match="channels"):
+        process.denoiser(net)(x, sigma)
+
+
+def test_vp_denoiser_of_a_respaced_process_calls_the_original_timesteps():
+    seen = []
+    process = GaussianDiffusion().respaced([0, 250, 500, 999])
+    denoiser = process.denoiser(lambda x, t, cond=None: seen.append(t.clone()) or torch.zeros_like(x))
+    denoiser(start_noise(), denoiser.sigmas[[3, 1]].contiguous())
+    torch.testing.assert_close(seen[0], torch.tensor([999.0, 250.0]))
+
+
+def test_zero_terminal_snr_gets_a_finite_top_level():
+    process = GaussianDiffusion(GaussianDiffusionConfig(rescale_betas_zero_snr=True, prediction_type="v"))
+    denoiser = process.denoiser(FixedNet())
+    assert float(process.alphas_cumprod[-1]) == 0 and math.isfinite(denoiser.sigma_max)
+    assert denoiser.sigma_max == pytest.approx((1 - 2**-24) ** 0.5 / 2**-12)
+
+
+# ---- every registered sampler: guidance, masks, callbacks, intermediates, seeds --------------------------
+
+class CondNet:
+    """``net(x, t, cond)`` reading ``cond["vector"]``: a FixedNet shifted by the condition."""
+
+    def __init__(self):
+        self.net = FixedNet(seed=5)
+
+    def __call__(self, x, t, cond=None):
+        shift = 0 if cond is None else cond["vector"].mean(dim=1).reshape(-1, 1, 1, 1).to(x.dtype)
+        return self.net(x, t) + 0.2 * shift
+
+
+def process_of(objective):
+    if objective == "ddpm":
+        return GaussianDiffusion(GaussianDiffusionConfig(num_timesteps=100))
+    if objective == "edm":
+        return EDMProcess(EDMConfig())
+    return RectifiedFlow(RectifiedFlowConfig(num_train_timesteps=100))
+
+
+CASES = [(name, objective) for name, entry in SAMPLERS.items() for objective in entry.objectives]
+
+
+def run_registered(name, objective, net, cond=None, seed=0, steps=4, **kwargs):
+    entry = SAMPLERS[name]
+    options = {key: value for key, value in {"schedule": "karras", "spacing": "trailing", "clip_denoised": False,
+                                              "eta": 0.5}.items() if key in entry.options}
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(100))
+    return entry.fn(net, process_of(objective), x_T, cond, num_steps=steps, progress=False,
+                    generator=torch.Generator().manual_seed(seed), **options, **kwargs)
+
+
+def test_the_registry_holds_every_name_and_only_request_fields():
+    assert set(SAMPLERS) <= set(SAMPLER_NAMES)
+    fields = {f.name for f in dataclasses.fields(SampleRequest)}
+    for name, entry in SAMPLERS.items():
+        assert set(entry.options) <= fields, name
+        assert set(entry.objectives) <= {"ddpm", "edm", "flow"}, name
+
+
+@pytest.mark.parametrize("name,objective", CASES)
+def test_same_seed_same_sample(name, objective):
+    first = run_registered(name, objective, FixedNet(), seed=3).sample
+    assert torch.equal(first, run_registered(name, objective, FixedNet(), seed=3).sample)
+    assert torch.isfinite(first).all() and first.shape == SHAPE
+
+
+@pytest.mark.parametrize("name,objective", CASES)
+def test_callbacks_and_intermediates(name, objective):
+    calls = []
+    out = run_registered(name, objective, FixedNet(), callback=lambda i, level, x, x0: calls.append((i, x, x0)),
+                         return_intermediates=True)
+    assert [i for i, _, _ in calls] == list(range(4)) and len(out.intermediates) == 4
+    assert torch.equal(out.intermediates[-1], out.sample) and torch.equal(calls[-1][1], out.sample)
+    assert all(x0.shape == SHAPE for _, _, x0 in calls)
+
+
+@pytest.mark.parametrize("name,objective", CASES)
+def test_inpainting_keeps_the_known_region(name, objective):
+    known = torch.zeros(1, 1, SHAPE[2], SHAPE[3])
+    known[..., :, : SHAPE[3] // 2] = 1
+    x0_known = torch.rand(SHAPE, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    out = run_registered(name, objective, FixedNet(), known_mask=known, x0_known=x0_known).sample
+    assert torch.equal(out[..., : SHAPE[3] // 2], x0_known[..., : SHAPE[3] // 2])
+    free = run_registered(name, objective, FixedNet()).sample
+    assert not torch.allclose(out[..., SHAPE[3] // 2:], free[..., SHAPE[3] // 2:])  # the known region steered it
+
+
+@pytest.mark.parametrize("name,objective", CASES)
+def test_guidance_wraps_the_network(name, objective):
+    """The guided sample is the sample of the network that mixes its two outputs itself (Ho & Salimans Eq. 6)."""
+    net, scale = CondNet(), 3.0
+    cond = {"vector": torch.randn(SHAPE[0], 4, generator=torch.Generator().manual_seed(1))}
+    uncond = {"vector": torch.zeros(1, 4)}
+    guided = run_registered(name, objective, classifier_free_guidance(net, scale, uncond), cond).sample
+
+    def mixed(x, t, c):
+        u = net(x, t, {"vector": uncond["vector"].expand(x.shape[0], -1)})
+        return u + scale * (net(x, t, c) - u)
+
+    torch.testing.assert_close(guided, run_registered(name, objective, mixed, cond).sample, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(guided, run_registered(name, objective, net, cond).sample)
+
+
+def test_a_sampler_refuses_a_process_it_does_not_walk():
+    with pytest.raises(ValueError, match="objective edm"):
+        sampler_entry("ddim", "edm")
+    assert sampler_entry("heun", "edm").fn is SAMPLERS["heun"].fn

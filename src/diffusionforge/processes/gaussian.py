@@ -311,7 +311,8 @@ class GaussianDiffusion(nn.Module):
         """
         from diffusionforge.samplers.denoiser import VPDenoiser
 
-        return VPDenoiser(net_fn, self.alphas_cumprod, self.config.prediction_type,
+        abar64 = torch.cumprod(1.0 - self._betas64, dim=0)  # the float64 source of the float32 buffers
+        return VPDenoiser(net_fn, abar64, self.config.prediction_type,
                           learned_variance=self.config.variance_type == "learned_range",
                           timestep_map=self.timestep_map)
 
