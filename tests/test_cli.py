@@ -49,6 +49,19 @@ def test_sample_writes_grid_and_is_seeded(tiny_run, tmp_path, capsys):
     assert code == 0, err
 
 
+def test_sample_with_a_sigma_sampler_and_schedule(tiny_run, tmp_path, capsys):
+    outs = [tmp_path / "k1.png", tmp_path / "k2.png"]
+    for out in outs:
+        code, err = run_cli(capsys, "sample", str(tiny_run), "--num", "4", "--sampler", "dpmpp_2m_sde",
+                            "--schedule", "karras", "--steps", "3", "--seed", "2", "--out", str(out))
+        assert code == 0, err
+    assert np.array_equal(*(np.asarray(Image.open(out)) for out in outs))
+    assert_one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--sampler", "flow_euler",
+                                   "--out", str(tmp_path / "x.png")), "--sampler", "objective ddpm")
+    with pytest.raises(SystemExit):  # argparse: not one of the schedules
+        main(["sample", str(tiny_run), "--schedule", "cosine"])
+
+
 def test_presets_lists_shipped_configs(capsys):
     assert main(["presets"]) == 0
     out = capsys.readouterr().out

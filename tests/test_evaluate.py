@@ -24,6 +24,7 @@ def test_evaluate_records_protocol_and_repeats_exactly(tiny_run, tmp_path, capsy
     assert metrics["fid"] > 0 and 0 <= metrics["class_accuracy"] <= 1
     assert 1 <= metrics["classifier_score"] <= 10 and metrics["classifier_score_std"] >= 0
     assert protocol["num_samples"] == 20 and protocol["steps"] == 3
+    assert protocol["sampler"] == "ddim" and protocol["schedule"] == "discrete"  # the run's sample section
     assert protocol["guidance"] == 2.0 and protocol["seed"] == 5 and protocol["weights"] == "ema"
     assert protocol["precision"] == "fp32"
     assert protocol["features"] == "classifier/fashion-mnist"
@@ -81,3 +82,12 @@ def test_classifier_score_on_known_cases():
     assert score(images)[0] == real  # seeded split shuffle: the same number twice
     assert score(images[labels == 7])[0] < 1.6  # sneakers only: confident but not diverse
     assert score(torch.zeros(200, 1, 28, 28))[0] == pytest.approx(1.0, abs=1e-4)  # one image
+
+
+def test_evaluate_records_the_sigma_sampler_and_schedule(tiny_run, tmp_path, capsys):
+    out = tmp_path / "heun.json"
+    code = main(["evaluate", str(tiny_run), "--num", "10", "--steps", "2", "--sampler", "heun", "--schedule",
+                 "karras", "--batch-size", "10", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    protocol = json.loads(out.read_text())["protocol"]
+    assert protocol["sampler"] == "heun" and protocol["schedule"] == "karras" and protocol["steps"] == 2
