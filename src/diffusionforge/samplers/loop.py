@@ -2,7 +2,9 @@
 
 A sampler is a plain function that builds a ``step(x, i, t, t_next)``
 closure and hands it to ``sampling_loop`` with the ``(t, t_next)`` pairs to
-visit (k-diffusion style; no scheduler state to set beforehand).
+visit (k-diffusion style; no scheduler state to set beforehand). Both it and
+the sigma samplers' ``sigma_walk`` (``sigma_sampler.py``) are ``walk`` with
+their own way of noising the known region.
 
 Notation
 

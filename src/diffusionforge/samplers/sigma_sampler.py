@@ -79,6 +79,8 @@ class Clamped:
         return self.denoiser(x, sigma, cond).clamp(-self.limit, self.limit)
 
     def __getattr__(self, name: str):
+        if name == "denoiser":  # not set yet (copy / unpickle): no recursion
+            raise AttributeError(name)
         return getattr(self.denoiser, name)  # sigmas, sigma_min, sigma_max, sigma_to_t, ...
 
 
