@@ -14,7 +14,9 @@ from diffusionforge.samplers.dpmpp import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmp
 from diffusionforge.samplers.flow_euler import sample_flow_euler
 from diffusionforge.samplers.k_samplers import euler, euler_ancestral, heun
 from diffusionforge.samplers.loop import SampleOutput
+from diffusionforge.samplers.pndm import sample_plms, sample_pndm
 from diffusionforge.samplers.sigma_sampler import registry_sampler
+from diffusionforge.samplers.unipc import sample_unipc
 
 SamplerFn = Callable[..., SampleOutput]
 
@@ -33,6 +35,8 @@ class SamplerEntry(NamedTuple):
 SAMPLERS: Dict[str, SamplerEntry] = {  # the discrete Gaussian process's own samplers
     "ddpm": SamplerEntry(sample_ddpm, ("spacing", "clip_denoised")),
     "ddim": SamplerEntry(sample_ddim, ("spacing", "eta", "clip_denoised")),
+    "pndm": SamplerEntry(sample_pndm, ("spacing", "clip_denoised")),  # at least 4 steps
+    "plms": SamplerEntry(sample_plms, ("spacing", "clip_denoised")),
 }
 
 SIGMA_OPTIONS = ("schedule", "spacing", "clip_denoised")  # every sigma sampler (sigma_sampler.registry_sampler)
@@ -45,6 +49,7 @@ SAMPLERS.update({  # the sigma samplers: any process, through process.denoiser
     "dpmpp_3m": SamplerEntry(registry_sampler(dpmpp_3m), SIGMA_OPTIONS, ALL_OBJECTIVES),
     "dpmpp_2m_sde": SamplerEntry(registry_sampler(dpmpp_2m_sde), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
     "dpmpp_3m_sde": SamplerEntry(registry_sampler(dpmpp_3m_sde), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
+    "unipc": SamplerEntry(sample_unipc, SIGMA_OPTIONS, ALL_OBJECTIVES),  # bh2, order 2
 })
 SAMPLERS["flow_euler"] = SamplerEntry(sample_flow_euler, ("clip_denoised",), ("flow",))  # flow time, diffusers' grid
 
