@@ -352,7 +352,9 @@ def process_of(objective):
     return RectifiedFlow(RectifiedFlowConfig(num_train_timesteps=100))
 
 
-CASES = [(name, objective) for name, entry in SAMPLERS.items() for objective in entry.objectives]
+# the bridge sampler starts from a source image, not noise: tests/test_bridge*.py and the test below
+CASES = [(name, objective) for name, entry in SAMPLERS.items() for objective in entry.objectives
+         if objective != "bridge"]
 
 
 def run_registered(name, objective, net, cond=None, seed=0, steps=4, **kwargs):
@@ -369,7 +371,7 @@ def test_the_registry_holds_every_name_and_only_request_fields():
     fields = {f.name for f in dataclasses.fields(SampleRequest)}
     for name, entry in SAMPLERS.items():
         assert set(entry.options) <= fields, name
-        assert set(entry.objectives) <= {"ddpm", "edm", "flow"}, name
+        assert set(entry.objectives) <= {"ddpm", "edm", "flow", "bridge"}, name  # bridge: LBM (BridgeMatching)
 
 
 @pytest.mark.parametrize("name,objective", CASES)
@@ -420,3 +422,20 @@ def test_a_sampler_refuses_a_process_it_does_not_walk():
     with pytest.raises(ValueError, match="objective edm"):
         sampler_entry("ddim", "edm")
     assert sampler_entry("heun", "edm").fn is SAMPLERS["heun"].fn
+
+
+def test_the_bridge_sampler_is_registered_for_bridges_only_and_refuses_masks():
+    from diffusionforge.processes.bridge import BridgeMatching
+    from diffusionforge.processes.config import BridgeMatchingConfig
+    from diffusionforge.samplers.registry import sampler_entry
+
+    entry = sampler_entry("bridge_euler", "bridge")
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    out = entry.fn(FixedNet(), BridgeMatching(BridgeMatchingConfig()), x, None, num_steps=2,
+                   generator=torch.Generator().manual_seed(0), return_intermediates=True)
+    assert out.sample.shape == SHAPE and len(out.intermediates) == 2 and torch.isfinite(out.sample).all()
+    with pytest.raises(ValueError, match="known_mask"):
+        entry.fn(FixedNet(), BridgeMatching(BridgeMatchingConfig()), x, None, num_steps=1,
+                 known_mask=torch.ones(SHAPE), x0_known=x)
+    with pytest.raises(ValueError, match="bridge_euler walks bridge runs"):
+        sampler_entry("bridge_euler", "ddpm")

@@ -60,10 +60,9 @@ def run(args: argparse.Namespace) -> int:
     from ..runs import open_run, write_json
     from ..tasks import EvalOptions, task_of
 
-    schedule = [f"sample.schedule={args.schedule}"] if args.schedule else []  # --schedule: the run's, overridden
-    run_dir, config = open_run(args.run_dir, schedule)
+    run_dir, config = open_run(args.run_dir)
     out = check_output_file(args.out or Path(args.run_dir) / "metrics.json", JSON)
-    options = EvalOptions(num=args.num, steps=args.steps, sampler=args.sampler, eta=args.eta,
+    options = EvalOptions(num=args.num, steps=args.steps, sampler=args.sampler, schedule=args.schedule, eta=args.eta,
                           guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                           use_ema=not args.raw, precision=args.precision, features=args.features)
     record = task_of(config).evaluate(run_dir, config, options)

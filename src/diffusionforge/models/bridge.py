@@ -33,7 +33,7 @@ from ..conditioning.labels import LabelConditioning
 from ..config.schema import OptimConfig, SampleConfig
 from ..processes.bridge import BridgeMatching
 from ..samplers import autocast_denoise
-from ..samplers.bridge import sample_bridge
+from ..samplers.registry import sampler_entry
 from .base import NetworkModule
 
 GRID_PAIRS = 8  # pairs shown in the sample grids (rows: source, translation, target)
@@ -135,8 +135,8 @@ class BridgeModel(NetworkModule):
             denoise = net["backbone"]
             if precision == "bf16":
                 denoise = autocast_denoise(denoise, self.device.type)
-            out = sample_bridge(denoise, self.bridge, z1, cond, num_steps=steps, generator=generator,
-                                progress=progress)
+            walk = sampler_entry("bridge_euler", "bridge").fn  # the registry's one bridge sampler
+            out = walk(denoise, self.bridge, z1, cond, num_steps=steps, generator=generator, progress=progress)
             images = self.first_stage.decode(out.sample).clamp(-1, 1)
         finally:
             net.train(was_training)

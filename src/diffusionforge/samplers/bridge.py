@@ -30,14 +30,21 @@ BridgeCallback = Callable[[int, float, Tensor], None]
 
 
 @torch.no_grad()
-def sample_bridge(denoise: DenoiseFn, process: BridgeMatching, x_source: Tensor, cond: Cond = None, *,
+def sample_bridge(denoise: DenoiseFn, process: BridgeMatching, x_source: Tensor, cond: Optional[Cond] = None, *,
                   num_steps: int = 1, generator: Optional[torch.Generator] = None,
+                  known_mask: Optional[Tensor] = None, x0_known: Optional[Tensor] = None,
                   callback: Optional[BridgeCallback] = None, progress: bool = False,
                   return_intermediates: bool = False) -> SampleOutput:
-    """Walk ``x_source (B, C, H, W)`` to the target in ``num_steps`` Euler steps.
+    """Walk ``x_source (B, C, H, W)`` to the target in ``num_steps`` Euler steps (the registry's
+    ``bridge_euler``: its ``x_T`` is the source, not noise).
 
-    ``denoise(x, t (B,) in model time t * T, cond) -> v (B, C, H, W)``.
+    ``denoise(x, t (B,) in model time t * T, cond) -> v (B, C, H, W)``. A bridge
+    inpaints through its conditioning and pastes the known pixels after decoding
+    (``BridgeModel.translate``), so ``known_mask`` / ``x0_known`` are refused.
     """
+    if known_mask is not None or x0_known is not None:
+        raise ValueError("the bridge sampler takes no known_mask / x0_known: a bridge inpaints through its "
+                         "conditioning (data.degradation.kind=inpainting) and pastes the known pixels")
     times = process.sampling_times(num_steps)
     x = x_source
     intermediates: List[Tensor] = []

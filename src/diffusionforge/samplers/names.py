@@ -17,6 +17,7 @@ SamplerName = Literal[
     "unipc",  # UniPC bh2 (Zhao et al. 2023)
     "pndm", "plms",  # Liu et al. 2022 (PNDM); PLMS = its linear multistep part (LDM)
     "flow_euler",  # Euler in flow time for rectified-flow processes (diffusers FlowMatchEulerDiscreteScheduler)
+    "bridge_euler",  # LBM: Euler from the source image along the bridge, its noise between steps (task=bridge)
 ]
 ScheduleName = Literal["discrete", "karras", "exponential"]
 

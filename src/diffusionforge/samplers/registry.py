@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, NamedTuple, Tuple
 
+from diffusionforge.samplers.bridge import sample_bridge
 from diffusionforge.samplers.ddim import sample_ddim
 from diffusionforge.samplers.ddpm import sample_ddpm
 from diffusionforge.samplers.dpmpp import dpmpp_2m, dpmpp_2m_sde, dpmpp_3m, dpmpp_3m_sde
@@ -52,6 +53,8 @@ SAMPLERS.update({  # the sigma samplers: any process, through process.denoiser
     "unipc": SamplerEntry(sample_unipc, SIGMA_OPTIONS, ALL_OBJECTIVES),  # bh2, order 2
 })
 SAMPLERS["flow_euler"] = SamplerEntry(sample_flow_euler, ("clip_denoised",), ("flow",))  # flow time, diffusers' grid
+# the LBM bridge: x_T is the (encoded) source image, not noise; its process is BridgeMatching (task=bridge)
+SAMPLERS["bridge_euler"] = SamplerEntry(sample_bridge, (), ("bridge",))
 
 
 def sampler_entry(name: str, objective: str = "ddpm") -> SamplerEntry:

@@ -35,7 +35,8 @@ class EvalOptions:
 
     num: int = 10000                       # samples (or test images / pairs / stories) scored
     steps: Optional[list[int]] = None      # sampling steps; bridges take several, None = the run's default
-    sampler: str = "ddim"
+    sampler: Optional[str] = None         # None = the run's sample.sampler
+    schedule: Optional[str] = None        # sigma schedule of the sigma samplers; None = the run's sample.schedule
     eta: float = 0.0
     guidance: Optional[float] = None       # None = the run's sample.guidance
     seed: int = 0

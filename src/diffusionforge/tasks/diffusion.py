@@ -135,7 +135,7 @@ class DiffusionTask(Task):
 
         steps = one_step_count(options.steps, 50, "diffusion")
         request = sample_request(config, options.sampler, steps, options.eta, options.guidance,
-                                 options.use_ema, options.precision)
+                                 options.use_ema, options.precision, schedule=options.schedule)
         model = self.load(run_dir, config, options.use_ema)
         result, protocol = evaluate_run(model, config, request, options.num, options.seed,
                                         features=options.features, batch_size=options.batch_size)

@@ -122,7 +122,7 @@ class StoryTask(Task):
             raise ConfigError(f"--features: story runs are scored on the {name} classifier (crops of the "
                               f"{config.data.story.source} items), got {options.features}")
         request = sample_request(config, options.sampler, steps, options.eta, options.guidance,
-                                 options.use_ema, options.precision)
+                                 options.use_ema, options.precision, schedule=options.schedule)
         model = self.load(run_dir, config, options.use_ema)
         return evaluate_story_run(model, config, options.num, request, seed=options.seed,
                                   batch_size=options.batch_size)
