@@ -174,8 +174,8 @@ def to_pixels(points: Points, x: Axis, y: Axis) -> list[tuple[float, float]]:
     return [(x0 + x.unit(s) * (x1 - x0), y1 - y.unit(v) * (y1 - y0)) for s, v in points]
 
 
-def draw_axes(draw: ImageDraw.ImageDraw, x: Axis, y: Axis, font) -> None:
-    """Grid lines, the frame and tick labels; the x label 'step' at the bottom right."""
+def draw_axes(draw: ImageDraw.ImageDraw, x: Axis, y: Axis, font, x_label: str = "step") -> None:
+    """Grid lines, the frame and tick labels; ``x_label`` at the bottom right."""
     x0, y0, x1, y1 = plot_box()
     for tick in x.ticks:
         px = to_pixels([(tick, y.ticks[0])], x, y)[0][0]
@@ -186,7 +186,7 @@ def draw_axes(draw: ImageDraw.ImageDraw, x: Axis, y: Axis, font) -> None:
         draw.line([(x0, py), (x1, py)], fill=GRID)
         draw.text((x0 - 6, py), f"{tick:g}", fill=INK, font=font, anchor="rm")
     draw.rectangle([x0, y0, x1, y1], outline=INK)
-    draw.text((x1, SIZE[1] - 4), "step", fill=INK, font=font, anchor="rd")
+    draw.text((x1, SIZE[1] - 4), x_label, fill=INK, font=font, anchor="rd")
 
 
 def draw_series(draw: ImageDraw.ImageDraw, pixels, colour, width: int, dots: bool) -> None:
@@ -229,6 +229,26 @@ def draw_loss_plot(curves: LossCurves, title: str) -> Image.Image:
     scale = "log scale" if y.log else "linear scale"
     draw.text((SIZE[0] // 2, 12), f"{title}: {curves.key} ({scale})", fill=INK,
               font=default_font(FONT_SIZE + 3), anchor="mt")
+    return image
+
+
+SERIES_COLOURS = ((20, 70, 150), (222, 110, 20), (40, 150, 60), (190, 40, 40), (120, 70, 170), (110, 110, 110))
+
+
+def draw_line_plot(series: dict[str, list[tuple[float, float]]], title: str, x_label: str,
+                   log_x: bool = False) -> Image.Image:
+    """One line with dots per named series of (x, y) points, e.g. FID against NFE per sampler."""
+    image = Image.new("RGB", SIZE, BACKGROUND)
+    draw, font = ImageDraw.Draw(image), default_font()
+    xs = [px for points in series.values() for px, _ in points]
+    x = Axis(log_ticks(min(xs), max(xs)), log=True) if log_x else Axis(linear_ticks(min(xs), max(xs)), log=False)
+    y = value_axis([v for points in series.values() for _, v in points])
+    draw_axes(draw, x, y, font, x_label)
+    colours = [SERIES_COLOURS[i % len(SERIES_COLOURS)] for i in range(len(series))]
+    for points, colour in zip(series.values(), colours):
+        draw_series(draw, to_pixels(sorted(points), x, y), colour, 2, dots=True)
+    draw_legend(draw, list(zip(series, colours)), font)
+    draw.text((SIZE[0] // 2, 12), title, fill=INK, font=default_font(FONT_SIZE + 3), anchor="mt")
     return image
 
 
