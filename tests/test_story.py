@@ -364,3 +364,12 @@ def test_blip_history_encoder_from_a_local_folder(tiny_paths, tmp_path):
 
     with pytest.raises(CheckpointError, match="BLIP history encoder: .*missing: folder not found"):
         _conditioner(tiny_paths, history_encoder="blip", blip_path=str(tmp_path / "missing"))
+
+
+def test_a_story_run_refuses_objectives_other_than_ddpm(tiny_paths):
+    from diffusionforge.errors import ConfigError
+    from diffusionforge.tasks import build_model
+
+    config = load_config("fashion-ddpm", [*STORY, "model.conditioning.class_label=null", "model.objective=flow"])
+    with pytest.raises(ConfigError, match="^model.objective=flow: story runs train the DDPM process"):
+        build_model(config)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from ..config.schema import ExperimentConfig
 from ..errors import CheckpointError, ConfigError
 from ..models.generative import GenerativeModel, SampleRequest
+from ..processes.registry import build_process  # model.objective: ddpm | edm | flow
 from .base import EvalOptions, Task, validation_items
 from .parts import (check_class_labels, check_num_classes, export_weights, load_exported, model_parts,
                     prepare_first_stage, run_first_stage, first_stage_network)
@@ -32,8 +33,6 @@ def build_diffusion_model(config: ExperimentConfig, num_classes: Optional[int] =
     check_num_classes(config, num_classes)
     if config.data.story is not None:
         raise ConfigError("data.story: stories are trained by task=story (set task=story)")
-    from ..processes.registry import build_process  # model.objective: ddpm | edm | flow
-
     ddpm = config.model.objective == "ddpm"
     learned = ddpm and config.model.process.variance_type == "learned_range"  # EDM and flow predict C channels
     return GenerativeModel(process=build_process(config.model),

@@ -35,6 +35,9 @@ def build_story_model(config: ExperimentConfig, num_classes: Optional[int] = Non
     if config.model.conditioning.story is None:
         raise ConfigError("model.conditioning.story: task=story needs the story conditioner "
                           "(e.g. model.conditioning.story.dim=128)")
+    if config.model.objective != "ddpm":
+        raise ConfigError(f"model.objective={config.model.objective}: story runs train the DDPM process "
+                          "(AR-LDM); set model.objective=ddpm")
     others = [name for name in ("class_label", "text", "concat", "latents_concat")
               if getattr(config.model.conditioning, name) is not None]
     if others:
