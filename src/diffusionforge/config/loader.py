@@ -118,14 +118,46 @@ def _prefix_key(message: str, prefix: str) -> str:
     return f"{prefix.rstrip('.')}: {message}" if prefix else message
 
 
+# data keys that describe a preset's own images: with data.name a folder of one's own images
+# (data/config.py FOLDERS) the folder's files decide them (data/folder.py), unless a layer that names
+# the folder (or comes after it) sets them
+DATA_SHAPE_KEYS = ("image_size", "channels", "val_size")
+
+
+def _data_shape_from_files(preset: Optional[DictConfig], overrides: DictConfig) -> list[DictConfig]:
+    """The layers, with a preset's DATA_SHAPE_KEYS dropped and unset ones None when data.name is a folder."""
+    from ..data.config import FOLDERS
+
+    layers = [layer for layer in (preset, overrides) if layer is not None]
+    names = [OmegaConf.select(layer, "data.name", default=None) for layer in layers]
+    named = [i for i, name in enumerate(names) if name is not None]
+    if not named or names[named[-1]] not in FOLDERS:
+        return layers
+    first = named[-1]  # the layer that chose the folder; the layers before it describe other images
+    if first > 0:
+        data = OmegaConf.select(layers[0], "data", default=None)
+        for key in DATA_SHAPE_KEYS:
+            data.pop(key, None)
+    given = {key for layer in layers[first:] for key in DATA_SHAPE_KEYS
+             if OmegaConf.select(layer, f"data.{key}", default=None) is not None}
+    unset = OmegaConf.create({"data": {key: None for key in DATA_SHAPE_KEYS if key not in given}})
+    return [*layers[:-1], unset, layers[-1]]
+
+
 def load_config(name_or_path: Optional[str] = None,
                 overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Defaults, then the YAML file or preset, then the overrides."""
+    """Defaults, then the YAML file or preset, then the overrides.
+
+    A preset's data.image_size / channels / val_size describe its own images:
+    overrides that set data.name=folder (or paired-folder) drop them, so the
+    folder's files decide (unless the overrides set them too).
+    """
     schema = OmegaConf.structured(ExperimentConfig)
-    layers = []
+    preset = None
     if name_or_path is not None:
-        layers.append(_rename_legacy_keys(_load_yaml(resolve_config_path(name_or_path))))
-    layers.append(_rename_legacy_keys(_parse_overrides(overrides)))
+        preset = _rename_legacy_keys(_load_yaml(resolve_config_path(name_or_path)))
+    override_layer = _rename_legacy_keys(_parse_overrides(overrides))
+    layers = _data_shape_from_files(preset, override_layer)
     try:
         merged = OmegaConf.merge(schema, *layers)
     except OmegaConfBaseException as err:

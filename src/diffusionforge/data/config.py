@@ -17,7 +17,7 @@ from typing import Literal, Optional, get_args
 from diffusionforge.errors import ConfigError
 from diffusionforge.utils.checks import is_int, is_number
 
-__all__ = ["BUILT_IN", "DataConfig", "DatasetName", "DegradationConfig", "MaskKind", "StoryConfig",
+__all__ = ["BUILT_IN", "FOLDERS", "CropMode", "DataConfig", "DatasetName", "DegradationConfig", "MaskKind", "StoryConfig",
            "StorySource", "StorySplit", "DegradationKind", "UpsampleMode", "check_image_size", "check_template"]
 
 
@@ -173,30 +173,48 @@ def _error(key: str, message: str) -> ConfigError:
 
 # --- data (datamodule.py) -----------------------------------------------------
 
-DatasetName = Literal["fashion-mnist-embedded", "fashion-mnist", "mnist", "folder", "skimage-photos"]
+DatasetName = Literal["fashion-mnist-embedded", "fashion-mnist", "mnist", "folder", "paired-folder",
+                      "skimage-photos"]
 BUILT_IN = ("fashion-mnist-embedded", "skimage-photos")  # sources that ship their images (no data.root)
+FOLDERS = ("folder", "paired-folder")  # one's own images: size, channels, val split and classes from the files
 MIN_IMAGE_SIZE = 8  # smallest side the backbones downsample sensibly
+LEGACY_DEFAULTS = {"image_size": 28, "channels": 1, "val_size": 100}  # what None means for the other sources
+CropMode = Literal["center", "random", "stretch"]
 
 
 @dataclass
 class DataConfig:
-    """Which images to train on and how to batch them (YAML section ``data``)."""
+    """Which images to train on and how to batch them (YAML section ``data``).
+
+    ``image_size``, ``channels`` and ``val_size`` left at None are read from
+    the files for ``folder`` / ``paired-folder`` (``folder.inspect_folder``)
+    and are 28, 1 and 100 for the other sources; a run's config.yaml records
+    the resolved values.
+    """
 
     name: DatasetName = "fashion-mnist-embedded"  # source, see datasets.DATASETS
     root: Optional[str] = None  # folder with the dataset files; None = embedded / Debian location
-    image_size: int = 28  # images are resized (folder) or zero-padded (idx, if larger) to this
-    channels: int = 1  # 1 = grayscale, 3 = RGB (gray sources are repeated)
-    batch_size: int = 128  # images per training step (per device)
+    image_size: Optional[int] = None  # side of the square images; None = from a folder's files, else 28
+    channels: Optional[int] = None  # 1 = grey, 3 = RGB; None = from a folder's files (any colour -> 3), else 1
+    batch_size: int = 128  # images per training step (per device); a smaller folder lowers it (said in a line)
     num_workers: int = 0  # DataLoader worker processes; 0 loads in the main process
-    val_size: int = 100  # images held out from the train split for validation (loss + sample grids)
+    val_size: Optional[int] = None  # images held out for validation; None = 5% of a folder (>= 1), else 100
     limit_train: Optional[int] = None  # use only the first N training images (tests / quick runs)
     hflip: bool = False  # random horizontal flip augmentation (train split only)
+    crop: CropMode = "center"  # folders: shorter side resized to image_size, then a center / random square;
+    #                            stretch = the whole image resized to the square (train split; val is center)
+    skip_bad_files: bool = False  # folders: leave out unreadable / unmatched files (their count is printed)
+    class_names: Optional[list[str]] = None  # folders: the class sub-folder names (recorded by `dforge train`)
     caption_template: Optional[str] = None  # e.g. "a photo of {}": adds batch["caption"] from class names
     degradation: Optional[DegradationConfig] = None  # image-to-image pairs: adds batch["source"] (+ "mask")
     story: Optional[StoryConfig] = None  # stories (task=story): batches of frames + captions, see stories.py
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def from_folder(self) -> bool:
+        return self.name in FOLDERS
 
     def validate(self) -> None:
         """ConfigError naming ``data.<field>`` for the first bad value."""
@@ -205,20 +223,35 @@ class DataConfig:
         if self.name in BUILT_IN and self.root is not None:
             raise ConfigError(f"data.root: not used by data.name={self.name}; "
                               "set data.name=fashion-mnist (or mnist, folder) to read it")
+        if not self.from_folder:
+            for key, value in LEGACY_DEFAULTS.items():
+                if getattr(self, key) is None:
+                    setattr(self, key, value)
         minimums = {"image_size": MIN_IMAGE_SIZE, "batch_size": 1, "num_workers": 0, "val_size": 0}
         for key, minimum in minimums.items():
             value = getattr(self, key)
+            if value is None and key in LEGACY_DEFAULTS:
+                continue  # a folder's, read from its files
             if not is_int(value) or value < minimum:
                 raise ConfigError(f"data.{key}: must be an integer >= {minimum}, got {value!r}")
-        if self.channels not in (1, 3) or not is_int(self.channels):
+        if self.channels is not None and (self.channels not in (1, 3) or not is_int(self.channels)):
             raise ConfigError(f"data.channels: must be 1 or 3, got {self.channels!r}")
         if self.limit_train is not None and (not is_int(self.limit_train) or self.limit_train < 1):
             raise ConfigError(f"data.limit_train: must be None or an integer >= 1, got {self.limit_train!r}")
-        if not isinstance(self.hflip, bool):
-            raise ConfigError(f"data.hflip: must be true or false, got {self.hflip!r}")
+        for key in ("hflip", "skip_bad_files"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"data.{key}: must be true or false, got {getattr(self, key)!r}")
+        if self.crop not in get_args(CropMode):
+            raise ConfigError(f"data.crop: {self.crop!r} is not one of {', '.join(get_args(CropMode))}")
+        if self.class_names is not None and (
+                isinstance(self.class_names, str) or not all(isinstance(n, str) for n in self.class_names)):
+            raise ConfigError(f"data.class_names: must be a list of names, got {self.class_names!r}")
         check_template(self.caption_template)
         self.degradation = _as_section(self.degradation, DegradationConfig, "degradation")
-        if self.degradation is not None:
+        if self.degradation is not None and self.name == "paired-folder":
+            raise ConfigError("data.degradation: not used by data.name=paired-folder (its source/ folder "
+                              "holds the sources); set data.degradation=null")
+        if self.degradation is not None and self.image_size is not None:
             check_image_size(self.degradation, self.image_size)
         self.story = _as_section(self.story, StoryConfig, "story")
         if self.story is not None:

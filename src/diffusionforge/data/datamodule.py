@@ -13,6 +13,16 @@ Splits built by ``setup`` (``seed`` fixes them):
 The validation split does not depend on ``limit_train``, so quick runs and
 full runs are validated on the same images.
 
+One's own images (``data.name=folder`` / ``paired-folder``, ``folder.py``):
+the datamodule reads the files once when it is made and resolves what the
+config leaves to the data (``resolve_folder``): ``image_size`` and
+``channels`` (None = from the files), ``val_size`` (None = 5%, at least 1),
+``batch_size`` (lowered to the training images when the folder is smaller)
+and ``class_names`` (the class sub-folders). ``self.config`` is the resolved
+copy, which ``tasks.parts.resolve_from_data`` puts into the run's config;
+one line on stderr says what was read. Random crops (``crop=random``) apply
+to the train split only; val is center-cropped.
+
 Image-to-image pairs (``data.degradation``, see ``degradations.py``): when
 set, every split is wrapped in a ``PairedDataset`` that adds
 ``batch["source"]`` (B, C, H, W), the degraded image, and for inpainting
@@ -45,8 +55,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+import dataclasses
+import sys
+
 from diffusionforge.data.captions import Captioned, caption_names
 from diffusionforge.data.config import DataConfig
+from diffusionforge.data.folder import ImageFolderDataset, PairedFolderDataset, auto_val_size
 from diffusionforge.data.datasets import build_dataset
 from diffusionforge.data.degradations import PairedDataset
 from diffusionforge.data.stories import StoryDataset, collate_stories
@@ -54,7 +68,8 @@ from diffusionforge.errors import ConfigError
 
 
 class RandomHFlip(Dataset):
-    """Wraps a dataset; flips ``item["image"]`` (C, H, W) along W with probability 1/2."""
+    """Wraps a dataset; flips ``item["image"]`` (C, H, W) along W with probability 1/2 (with its
+    ``source`` and ``mask`` when a paired folder gives them)."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -65,8 +80,42 @@ class RandomHFlip(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         item = dict(self.dataset[index])
         if torch.rand(()) < 0.5:
-            item["image"] = item["image"].flip(-1)
+            for key in FLIPPED_KEYS:
+                if key in item:
+                    item[key] = item[key].flip(-1)
         return item
+
+
+FLIPPED_KEYS = ("image", "source", "mask")  # the image-shaped keys of an item, flipped together
+
+
+def resolve_folder(config: DataConfig, dataset) -> tuple[DataConfig, str]:
+    """``config`` with what a folder dataset implies filled in, and one line saying what was read."""
+    facts = dataset.facts
+    image_size = config.image_size if config.image_size is not None else facts.image_size
+    channels = config.channels if config.channels is not None else facts.channels
+    val_size = config.val_size if config.val_size is not None else auto_val_size(facts.count)
+    train = facts.count - val_size
+    if config.limit_train is not None:
+        train = min(train, config.limit_train)
+    batch_size = min(config.batch_size, train) if train >= 1 else config.batch_size
+    names = list(dataset.classes) if dataset.classes is not None else None
+    resolved = dataclasses.replace(config, image_size=image_size, channels=channels, val_size=val_size,
+                                   batch_size=batch_size, class_names=names)
+    size_note = (f"data.image_size={image_size}" + ("" if config.image_size is not None else
+                 f" (shorter sides >= {facts.smallest_side} px)"))
+    parts = [f"{facts.count} {'pairs' if config.name == 'paired-folder' else 'images'}",
+             f"{len(names)} classes ({', '.join(names)})" if names else "no class folders (unconditional)",
+             f"data.channels={channels} ({'RGB' if channels == 3 else 'grey'})", size_note,
+             f"data.val_size={val_size}"]
+    if batch_size != config.batch_size:
+        parts.append(f"data.batch_size={batch_size} (was {config.batch_size}; {train} training images)")
+    if dataset.captions is not None:
+        parts.append("captions")
+    if len(facts.skipped):
+        parts.append(facts.skipped.summary())
+    return resolved, f"data: {config.root}: " + ", ".join(parts)
+
 
 
 def split_indices(size: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:
@@ -75,6 +124,13 @@ def split_indices(size: int, val_size: int, seed: int) -> tuple[list[int], list[
     val = sorted(order[:val_size].tolist())
     held_out = set(val)
     return [i for i in range(size) if i not in held_out], val
+
+
+def _recropped(dataset: Dataset, crop: str) -> Dataset:
+    """A folder dataset (perhaps Captioned) with another crop mode."""
+    if isinstance(dataset, Captioned):
+        return Captioned(_recropped(dataset.dataset, crop), dataset.template, dataset.names)
+    return dataset.resized(dataset.image_size, dataset.channels, crop)
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -86,9 +142,39 @@ class ImageDataModule(L.LightningDataModule):
         self.config = config
         self.seed = seed
         self._source: dict[str, Optional[Dataset]] = {}
+        self._eval_source: Optional[Dataset] = None  # a folder's train split, center-cropped (val)
+        self.data_note: Optional[str] = None  # the line that says what a folder gave
+        if config.from_folder:
+            self._read_folder()
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
         self.test_set: Optional[Dataset] = None
+
+    def _read_folder(self) -> None:
+        """Scan the folder once; resolve self.config from it; print the line saying what it gave."""
+        c = self.config
+        if c.root is None:
+            raise ConfigError(f"data.root: required for data.name={c.name} (the folder of images)")
+        if c.name == "paired-folder":
+            dataset = PairedFolderDataset(c.root, c.image_size, c.channels, c.crop, c.skip_bad_files)
+        else:
+            dataset = ImageFolderDataset(c.root, c.image_size, c.channels, crop=c.crop,
+                                         skip_bad_files=c.skip_bad_files)
+        self.config, self.data_note = resolve_folder(c, dataset)
+        c = self.config
+        train = dataset.resized(c.image_size, c.channels)
+        if c.caption_template is not None:
+            if dataset.classes is None:
+                raise ConfigError("data.caption_template: the folder has no class sub-folders to name")
+            train = Captioned(train, c.caption_template, [name.replace("_", " ") for name in dataset.classes])
+        self._source["train"], self._source["test"] = train, None
+        self._eval_source = train if c.crop != "random" else _recropped(train, "center")
+        print(self.data_note, file=sys.stderr)
+
+    @property
+    def class_names(self) -> Optional[list[str]]:
+        """The class names of a folder run (its class sub-folders), None otherwise."""
+        return self.config.class_names
 
     def source(self, split: Literal["train", "test"]) -> Optional[Dataset]:
         """The full ``split`` of the source (loaded once), None if it has none."""
@@ -139,7 +225,7 @@ class ImageDataModule(L.LightningDataModule):
         train_set = Subset(full, train)
         train_set = RandomHFlip(train_set) if c.hflip else train_set  # flip x before degrading it
         self.train_set = self.paired(train_set, deterministic=False)
-        self.val_set = self.paired(Subset(full, val), deterministic=True)
+        self.val_set = self.paired(Subset(self._eval_source or full, val), deterministic=True)
 
     def _setup_stories(self, stage: Optional[str]) -> None:
         """StoryDataset splits (their own seeded draw: data.story.seed), or the HDF5 file's splits."""

@@ -11,6 +11,7 @@ Every item is a dict: ``{"image": float (C, H, W) in [-1, 1],
 | ``mnist``                | idx files, or ``mnist_train_10k.npz``     | train, test  |
 |                          | (arrays x, y) for train                   |              |
 | ``folder``               | image folder (see ``folder.py``)          | train        |
+| ``paired-folder``        | source/, target/, mask/ (``folder.py``)   | train        |
 | ``skimage-photos``       | ignored: scikit-image's bundled photos    | train (10k), test (1k) |
 
 ``skimage-photos`` (unlabelled RGB, needs ``pip install scikit-image``) cuts
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from diffusionforge.data.embedded import NUM_CLASSES, load_embedded
-from diffusionforge.data.folder import ImageFolderDataset, uint8_to_signed
+from diffusionforge.data.folder import ImageFolderDataset, PairedFolderDataset, uint8_to_signed
 from diffusionforge.data.idx import read_idx
 from diffusionforge.errors import ConfigError, DataError
 
@@ -232,10 +233,18 @@ def build_mnist(root: Optional[str], split: Split, image_size: int, channels: in
     return ArrayImageDataset(images, labels, image_size, channels, num_classes=NUM_CLASSES)
 
 
-def build_folder(root: Optional[str], split: Split, image_size: int, channels: int) -> Optional[Dataset]:
-    """An image folder; it has a train split only (None for test)."""
+def build_folder(root: Optional[str], split: Split, image_size: Optional[int],
+                 channels: Optional[int]) -> Optional[Dataset]:
+    """An image folder; it has a train split only (None for test). None size / channels: from the files."""
     folder = _root_or_config_error(root, "folder")
     return ImageFolderDataset(folder, image_size, channels) if split == "train" else None
+
+
+def build_paired_folder(root: Optional[str], split: Split, image_size: Optional[int],
+                        channels: Optional[int]) -> Optional[Dataset]:
+    """A paired folder (source/, target/, mask/); it has a train split only (None for test)."""
+    folder = _root_or_config_error(root, "paired-folder")
+    return PairedFolderDataset(folder, image_size, channels) if split == "train" else None
 
 
 def _skimage_data() -> ModuleType:
@@ -295,6 +304,7 @@ DATASETS: dict[str, DatasetBuilder] = {
     "fashion-mnist": build_fashion_mnist,
     "mnist": build_mnist,
     "folder": build_folder,
+    "paired-folder": build_paired_folder,
     "skimage-photos": build_skimage_photos,
 }
 

@@ -125,6 +125,7 @@ class AutoencoderTask(Task):
         return build_autoencoder_module(config, sample_dir)
 
     def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, AutoencoderModule]:
+        config = dataclasses.replace(config, data=datamodule.config)  # a folder's size and channels, resolved
         model = self.build_model(config)
         model.grid_source = validation_items(datamodule)
         return config, model

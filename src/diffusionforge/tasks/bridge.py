@@ -21,6 +21,7 @@ from ..models.bridge import BridgeModel
 from ..processes.bridge import BridgeMatching
 from ..utils.images import load_image
 from .base import EvalOptions, Task, validation_items
+from .parts import resolve_from_data
 from .parts import (check_class_labels, check_num_classes, export_weights, first_stage_network, load_exported,
                     model_parts, prepare_first_stage, run_first_stage)
 
@@ -116,7 +117,7 @@ class BridgeTask(Task):
         return build_bridge_model(config, num_classes, sample_dir, autoencoder)
 
     def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, BridgeModel]:
-        check_class_labels(config, datamodule)
+        config = resolve_from_data(config, datamodule)  # a folder's size, channels, classes
         config, autoencoder = prepare_first_stage(config, datamodule)
         model = self.build_model(config, datamodule.num_classes, autoencoder=autoencoder)
         model.grid_source = validation_items(datamodule)

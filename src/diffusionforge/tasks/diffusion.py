@@ -23,6 +23,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models.generative import GenerativeModel, SampleRequest
 from ..processes.registry import build_process  # model.objective: ddpm | edm | flow
 from .base import EvalOptions, Task, validation_items
+from .parts import resolve_from_data
 from .parts import (check_class_labels, check_num_classes, export_weights, load_exported, model_parts,
                     prepare_first_stage, run_first_stage, first_stage_network)
 
@@ -114,7 +115,7 @@ class DiffusionTask(Task):
 
     def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, GenerativeModel]:
         """Latent runs load their frozen autoencoder and fix the latent scale here (recorded in the config)."""
-        check_class_labels(config, datamodule)
+        config = resolve_from_data(config, datamodule)  # a folder's size, channels, classes
         config, autoencoder = prepare_first_stage(config, datamodule)
         model = self.build_model(config, datamodule.num_classes, autoencoder=autoencoder)
         model.grid_source = validation_items(datamodule)
