@@ -11,7 +11,12 @@ from ..utils.outputs import PNG, check_output_file
 EXAMPLE = """example:
   dforge sample runs/fashion-ddpm-20261123-101500 --num 64 --sampler ddim --steps 50 \\
       --guidance 2 --seed 0 --class 7 --out sneakers.png
-  dforge sample runs/fashion-ddpm-20261123-101500 --sampler dpmpp_2m --schedule karras --steps 10"""
+  dforge sample runs/fashion-ddpm-20261123-101500 --sampler dpmpp_2m --schedule karras --steps 10
+  dforge sample runs/fashion-ddpm-20261123-101500 --class Sneaker --num 8
+  dforge sample runs/fashion-ldm-text-20261123-101500 --prompt "a photo of a bag" \
+      --negative-prompt "a photo of a sneaker" --guidance 3
+  dforge sample runs/fashion-ddpm-20261123-101500 --init-image shoe.png --strength 0.6   (SDEdit)
+  dforge sample runs/fashion-ddpm-20261123-101500 --init-image shoe.png --mask holes.png (white = repaint)"""
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, num: int, batch_size: int,
@@ -53,8 +58,18 @@ def add_parser(sub) -> None:
                        description="Sample a PNG grid from a run's exported EMA weights.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_sampling_arguments(p, num=64, batch_size=256)
-    p.add_argument("--class", dest="class_label", type=int, default=None,
-                   help="class to sample (default: classes in turn)")
+    p.add_argument("--class", dest="class_label", default=None, metavar="CLASS",
+                   help="class to sample: a label or a class name of the run (default: classes in turn)")
+    p.add_argument("--prompt", default=None, help="caption of every sample (text-conditioned runs)")
+    p.add_argument("--negative-prompt", default=None,
+                   help="caption of the unconditional branch of guidance instead of the empty one")
+    p.add_argument("--init-image", default=None, metavar="PNG",
+                   help="start from this image (the run's size and channels): SDEdit, or inpainting with --mask")
+    p.add_argument("--strength", type=float, default=None,
+                   help="img2img: how far the image is noised, 0..1 (steps taken = int(steps * strength); "
+                        "default 0.8, with --mask 1.0)")
+    p.add_argument("--mask", default=None, metavar="PNG",
+                   help="inpainting: white = repaint, black = keep the --init-image's pixels")
     p.add_argument("--out", default="samples.png", help="output PNG (default samples.png)")
     p.set_defaults(handler=run)
 
@@ -65,14 +80,18 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out, PNG)
     from ..runs import open_run
     from ..tasks import command_task
-    from ..tasks.diffusion import sample_images
+    from ..tasks.diffusion import load_image_inputs, resolve_class, sample_images
     from ..utils.images import save_grid
 
     run_dir, config = open_run(args.run_dir)  # every input is checked before the model is built
     task = command_task(config, "sample", run_dir)
     request = request_of(args, config)
+    class_label = resolve_class(config, args.class_label)
+    init_image, mask = load_image_inputs(config, args.init_image, args.mask, args.strength)
     model = task.load(run_dir, config, use_ema=not args.raw)
-    images, nrow = sample_images(model, args.num, request, args.class_label, args.seed, args.batch_size)
+    images, nrow = sample_images(model, args.num, request, class_label, args.seed, args.batch_size,
+                                 prompt=args.prompt, negative_prompt=args.negative_prompt,
+                                 init_image=init_image, strength=args.strength, mask=mask)
     save_grid(images, out, nrow=nrow)
     print(f"wrote {len(images)} samples to {out}", file=sys.stderr)
     return 0

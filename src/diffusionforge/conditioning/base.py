@@ -147,10 +147,12 @@ class ConditionerWrapper(nn.Module):
         self.conditioners = nn.ModuleList(conditioners)
 
     def forward(self, batch: dict, *, force_uncond: bool = False, ucg_keys: Sequence[str] = (),
-                first_stage: Optional[nn.Module] = None) -> Cond:
+                first_stage: Optional[nn.Module] = None, keep_keys: Sequence[str] = ()) -> Cond:
         """The merged cond dict; conditioners reading a key in ``ucg_keys`` give zeros.
 
         ``first_stage`` goes to the conditioners that encode images with it.
+        ``keep_keys``: with ``force_uncond``, the conditioners reading these keys
+        still encode their input (a negative prompt replaces the empty caption).
         """
         unknown = sorted(set(ucg_keys) - set(self.input_keys))
         if unknown:
@@ -159,7 +161,8 @@ class ConditionerWrapper(nn.Module):
         masks: dict[str, list[Optional[Tensor]]] = {}
         for conditioner in self.conditioners:
             zero = any(key in ucg_keys for key in conditioner.input_keys)
-            out = conditioner(batch, force_uncond=force_uncond, force_zero=zero, first_stage=first_stage)
+            drop = force_uncond and not any(key in keep_keys for key in conditioner.input_keys)
+            out = conditioner(batch, force_uncond=drop, force_zero=zero, first_stage=first_stage)
             mask = None
             if isinstance(out, tuple):
                 if conditioner.kind not in MASKED_KINDS:

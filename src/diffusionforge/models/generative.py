@@ -55,6 +55,15 @@ class SampleRequest:
     progress: bool = False
 
 
+def strength_start(num_steps: int, strength: float) -> int:
+    """The step an image-to-image walk of ``num_steps`` begins at, as diffusers' img2img ``get_timesteps``:
+    ``init_timestep = min(int(num_steps * strength), num_steps)``, ``t_start = max(num_steps - init_timestep, 0)``."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    init_timestep = min(int(num_steps * strength), num_steps)
+    return max(num_steps - init_timestep, 0)
+
+
 class GenerativeModel(NetworkModule):
     """Gaussian diffusion (DDPM / DDIM / LDM / DiT): ``sample``, ``inpaint`` and class grids."""
 
@@ -91,32 +100,100 @@ class GenerativeModel(NetworkModule):
     def sample(self, batch: dict, num: int, request: SampleRequest,
                generator: Optional[torch.Generator] = None,
                known_mask: Optional[Tensor] = None,
-               x0_known: Optional[Tensor] = None) -> Tensor:
+               x0_known: Optional[Tensor] = None,
+               noise: Optional[Tensor] = None,
+               negative: Optional[dict] = None,
+               x_init: Optional[Tensor] = None,
+               start: int = 0) -> Tensor:
         """Generate ``num`` images (num, C, H, W) in [-1, 1].
 
         batch: conditioning inputs keyed like a training batch (e.g.
         ``{"class_label": (num,)}``); empty for an unconditional model.
+        noise: the starting noise ``(num, *latent_shape)``; by default drawn
+        from ``generator`` on the model's device.
+        negative: batch entries the unconditional branch of classifier-free
+        guidance encodes instead of dropping them (``{"caption": negative
+        prompts}``: diffusers' ``negative_prompt``).
+        x_init, start: image-to-image in the diffusion space (``img2img``):
+        begin at step ``start`` of the walk from ``x_init`` noised with ``noise``.
         """
         net = self.sampling_net(request.use_ema)
         was_training = net.training
         net.eval()
         try:
-            cond, uncond = self._conditions(net, batch, self.first_stage)
+            cond, uncond = self._conditions(net, batch, self.first_stage, negative)
             denoise = net["backbone"]
             if request.precision == "bf16":
                 denoise = autocast_denoise(denoise, self.device.type)
             if cond is not None and request.guidance != 1.0:
                 denoise = classifier_free_guidance(denoise, request.guidance, uncond,
                                                    guided_channels=self.guided_channels(request))
-            x_T = torch.randn((num, *self.latent_shape), generator=generator,
-                              device=self.device)
+            if noise is None:
+                x_T = torch.randn((num, *self.latent_shape), generator=generator, device=self.device)
+            elif tuple(noise.shape) != (num, *self.latent_shape):
+                raise ValueError(f"noise must have shape {(num, *self.latent_shape)}, got {tuple(noise.shape)}")
+            else:
+                x_T = noise.to(self.device)
             entry = sampler_entry(request.sampler, self.objective)
             options = {name: getattr(request, name) for name in entry.options}
+            if x_init is not None or start:  # only then: every other sampler call is unchanged
+                options.update(start=start, x_init=None if x_init is None else x_init.to(x_T))
             out = entry.fn(denoise, self.process, x_T, cond, num_steps=request.steps, generator=generator,
                            known_mask=known_mask, x0_known=x0_known, progress=request.progress, **options)
             return self.first_stage.decode(out.sample).clamp(-1, 1)
         finally:
             net.train(was_training)
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> the diffusion space: a posterior sample drawn from ``generator``
+        in latent space (diffusers' ``retrieve_latents``, ``sample_mode="sample"``), the images in pixel space."""
+        images = images.to(self.device)
+        autoencoder = getattr(self.first_stage, "autoencoder", None)
+        if autoencoder is None:
+            return self.first_stage.encode(images)
+        posterior = autoencoder.encode(images)
+        posterior = getattr(posterior, "latent_dist", posterior)  # a diffusers AutoencoderKL's output
+        return posterior.sample(generator) * self.first_stage.scale_factor
+
+    @torch.no_grad()
+    def img2img(self, batch: dict, images: Tensor, request: SampleRequest, strength: float = 0.8,
+                generator: Optional[torch.Generator] = None, mask: Optional[Tensor] = None,
+                noise: Optional[Tensor] = None, z_init: Optional[Tensor] = None,
+                negative: Optional[dict] = None) -> Tensor:
+        """SDEdit (Meng et al. 2022) and mask inpainting from ``images`` (1 or B, C, H, W) in [-1, 1].
+
+        As diffusers' ``StableDiffusionImg2ImgPipeline``: the images are encoded
+        (``encode_images``; ``z_init`` skips that), noised to step ``start =
+        strength_start(request.steps, strength)`` of the sampler's walk with
+        ``noise`` (drawn from ``generator`` after the posterior sample when not
+        given) and the remaining steps walked. ``strength = 1`` starts from pure
+        noise at the first step; ``0`` takes no step and returns the decoded
+        latents. ``mask`` (1 or B, 1, H, W): 1 = repaint (white), 0 = keep;
+        the kept region goes through the sampler's mask path (a latent is kept
+        only where its whole f x f patch is) and its pixels are pasted back
+        after decoding. Returns (B, C, H, W) in [-1, 1], B = len(noise) or len(images).
+        """
+        start = strength_start(request.steps, strength)
+        images = images.to(self.device)
+        z = self.encode_images(images, generator) if z_init is None else z_init.to(self.device)
+        num = len(noise) if noise is not None else len(images)
+        if noise is None:
+            noise = torch.randn((num, *self.latent_shape), generator=generator, device=self.device)
+        if tuple(z.shape[1:]) != tuple(self.latent_shape):
+            raise ValueError(f"the images encode to {tuple(z.shape[1:])}, the model samples {self.latent_shape}")
+        z = z.expand(num, *z.shape[1:]) if len(z) == 1 else z
+        known_mask = x0_known = keep = None
+        if mask is not None:
+            keep = 1.0 - mask.to(images.dtype)
+            f = images.shape[-1] // z.shape[-1]
+            known = -F.max_pool2d(-keep, f) if f > 1 else keep  # (B, 1, h, w): 1 where the patch is all kept
+            known_mask, x0_known = known.expand(num, *z.shape[1:]), z
+        out = self.sample(batch, num, request, generator=generator, known_mask=known_mask, x0_known=x0_known,
+                          noise=noise, negative=negative, x_init=z, start=start)
+        if keep is not None:
+            out = keep * images + (1 - keep) * out
+        return out
 
     @property
     def objective(self) -> str:
@@ -159,13 +236,16 @@ class GenerativeModel(NetworkModule):
         return mask * images + (1 - mask) * filled
 
     @staticmethod
-    def _conditions(net: nn.ModuleDict, batch: dict,
-                    first_stage: Optional[nn.Module] = None) -> tuple[Optional[Cond], Optional[Cond]]:
+    def _conditions(net: nn.ModuleDict, batch: dict, first_stage: Optional[nn.Module] = None,
+                    negative: Optional[dict] = None) -> tuple[Optional[Cond], Optional[Cond]]:
+        """``(cond, uncond)``; ``negative`` entries replace the batch's in uncond and are encoded, not dropped."""
         conditioner = net["conditioner"]
         if not len(conditioner):
             return None, None
+        negative = negative or {}
         return (conditioner(batch, first_stage=first_stage),
-                conditioner(batch, force_uncond=True, first_stage=first_stage))
+                conditioner({**batch, **negative}, force_uncond=True, first_stage=first_stage,
+                            keep_keys=tuple(negative)))
 
     def grid_batch(self, per_class: int) -> tuple[dict, int, int]:
         """Conditioning for a grid: one row per class (or 8x8 unconditional)."""

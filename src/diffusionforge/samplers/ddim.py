@@ -119,7 +119,7 @@ def sample_ddim(
     x0_known: Optional[Tensor] = None,
     callback: Optional[Callback] = None,
     progress: bool = True,
-    return_intermediates: bool = False,
+    return_intermediates: bool = False, start: int = 0, x_init: Optional[Tensor] = None,
 ) -> SampleOutput:
     """DDIM sampling from ``x_T: (B, C, H, W)`` over ``make_timesteps(T, num_steps, spacing)``.
 
@@ -136,6 +136,7 @@ def sample_ddim(
     return sampling_loop(
         step, process, x_T, descending_pairs(timesteps), generator=generator, known_mask=known_mask,
         x0_known=x0_known, callback=callback, progress=progress, return_intermediates=return_intermediates,
+        start=start, x_init=x_init,
         desc="DDIM",
     )
 

@@ -84,7 +84,7 @@ def sample_ddpm(
     x0_known: Optional[Tensor] = None,
     callback: Optional[Callback] = None,
     progress: bool = True,
-    return_intermediates: bool = False,
+    return_intermediates: bool = False, start: int = 0, x_init: Optional[Tensor] = None,
 ) -> SampleOutput:
     """Ancestral sampling from ``x_T: (B, C, H, W)`` (usually N(0, I)).
 
@@ -105,5 +105,6 @@ def sample_ddpm(
     return sampling_loop(
         step, process, x_T, descending_pairs(timesteps), generator=generator, known_mask=known_mask,
         x0_known=x0_known, callback=callback, progress=progress, return_intermediates=return_intermediates,
+        start=start, x_init=x_init,
         desc="DDPM",
     )

@@ -87,7 +87,8 @@ def dpmpp_multistep(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = 
                     sde: bool = False, s_noise: float = 1.0, generator: Optional[torch.Generator] = None,
                     known_mask: Optional[Tensor] = None, x0_known: Optional[Tensor] = None,
                     callback: Optional[Callback] = None, progress: bool = True,
-                    return_intermediates: bool = False) -> SampleOutput:
+                    return_intermediates: bool = False,
+                    start: int = 0, x_init: Optional[Tensor] = None) -> SampleOutput:
     """DPM-Solver++(``order``M), ODE or SDE, over ``sigmas``; one denoiser call per step."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
@@ -108,6 +109,7 @@ def dpmpp_multistep(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = 
 
     return sigma_walk(step, x, sigmas, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates,
+                      start=start, x_init=x_init,
                       desc=f"DPM-Solver++({order}M{' SDE' if sde else ''})")
 
 

@@ -26,7 +26,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from diffusionforge.processes.flow import RectifiedFlow, path_endpoint, per_sample
-from diffusionforge.samplers.loop import Callback, Cond, DenoiseFn, SampleOutput, randn
+from diffusionforge.samplers.loop import Callback, Cond, DenoiseFn, SampleOutput, check_start, randn
 
 
 def _paste(x: Tensor, known: Tensor, mask: Tensor) -> Tensor:
@@ -39,18 +39,26 @@ def sample_flow_euler(denoise: DenoiseFn, process: RectifiedFlow, x_T: Tensor, c
                       num_steps: int = 28, shift: Optional[float] = None, clip_denoised: bool = False,
                       generator: Optional[torch.Generator] = None, known_mask: Optional[Tensor] = None,
                       x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None,
-                      progress: bool = True, return_intermediates: bool = False) -> SampleOutput:
+                      progress: bool = True, return_intermediates: bool = False, start: int = 0,
+                      x_init: Optional[Tensor] = None) -> SampleOutput:
     """Walk ``x_T (B, C, H, W) ~ N(0, I)`` to data in ``num_steps`` Euler steps of flow time.
 
     ``denoise(x_t, t * T (B,), cond) -> v (B, C or more, H, W)``; ``shift``
     overrides the process's (``model.flow.shift``). ``callback(i, t_i, x_{i+1}, x0_hat)``.
+    ``start`` / ``x_init``: image-to-image as ``loop.walk`` (begin at step ``start`` from
+    ``(1 - t) x_init + t x_T``, diffusers' ``FlowMatchEulerDiscreteScheduler.scale_noise``).
     """
     if (known_mask is None) != (x0_known is None):
         raise ValueError("known_mask and x0_known must be given together")
+    check_start(start, num_steps, x_init, x_T)
     times = process.sampling_times(num_steps, shift)  # (K + 1,) float64, descending to 0
     x = x_T
+    if x_init is not None:
+        if start == num_steps:
+            return SampleOutput(x_init, [])
+        x = process.interpolate(x_init, x_T, torch.full((x.shape[0],), float(times[start])))
     intermediates: List[Tensor] = []
-    for i in tqdm(range(num_steps), desc="flow euler", disable=not progress):
+    for i in tqdm(range(start, num_steps), desc="flow euler", disable=not progress):
         t, t_next = float(times[i]), float(times[i + 1])
         if known_mask is not None:  # the known region at level t (LDM p_sample_loop, flow path)
             x = _paste(x, process.interpolate(x0_known, randn(x, generator), torch.full((x.shape[0],), t)),

@@ -41,7 +41,8 @@ def churn(x: Tensor, sigma: float, num_steps: int, s_churn: float, s_tmin: float
 def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
           generator: Optional[torch.Generator] = None, known_mask: Optional[Tensor] = None,
           x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None, progress: bool = True,
-          return_intermediates: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
+          return_intermediates: bool = False,
+          start: int = 0, x_init: Optional[Tensor] = None, s_churn: float = 0.0, s_tmin: float = 0.0,
           s_tmax: float = math.inf, s_noise: float = 1.0) -> SampleOutput:
     """Euler steps of the ODE, with optional churn (Algorithm 2 of Karras et al. 2022 without its line 9-11)."""
     n = len(sigmas) - 1
@@ -54,6 +55,7 @@ def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
 
     return sigma_walk(step, x, sigmas, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates,
+                      start=start, x_init=x_init,
                       desc="Euler")
 
 
@@ -68,7 +70,8 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 def euler_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
                     generator: Optional[torch.Generator] = None, known_mask: Optional[Tensor] = None,
                     x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None,
-                    progress: bool = True, return_intermediates: bool = False, s_noise: float = 1.0) -> SampleOutput:
+                    progress: bool = True, return_intermediates: bool = False,
+                    start: int = 0, x_init: Optional[Tensor] = None, s_noise: float = 1.0) -> SampleOutput:
     """Euler step to ``sigma_down``, then fresh noise of std ``sigma_up`` (eta = 1; not after the last step)."""
 
     def step(x: Tensor, i: int, sigma: float, sigma_next: float) -> StepOutput:
@@ -81,13 +84,15 @@ def euler_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = 
 
     return sigma_walk(step, x, sigmas, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates,
+                      start=start, x_init=x_init,
                       desc="Euler ancestral")
 
 
 def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
          generator: Optional[torch.Generator] = None, known_mask: Optional[Tensor] = None,
          x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None, progress: bool = True,
-         return_intermediates: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
+         return_intermediates: bool = False,
+         start: int = 0, x_init: Optional[Tensor] = None, s_churn: float = 0.0, s_tmin: float = 0.0,
          s_tmax: float = math.inf, s_noise: float = 1.0) -> SampleOutput:
     """Karras et al. 2022, Algorithm 2: churn, an Euler step, and the trapezoidal correction unless sigma_next = 0.
 
@@ -107,4 +112,5 @@ def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
 
     return sigma_walk(step, x, sigmas, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates,
+                      start=start, x_init=x_init,
                       desc="Heun")

@@ -20,6 +20,13 @@ Mask inpainting (Rombach et al. 2022, LDM ``p_sample_loop``; Lugmayr et al.
 2022 without resampling): before the step at ``t`` the known region of x is
 replaced by ``q_sample(x0_known, t, noise)``; after the last step by
 ``x0_known`` itself.
+
+Image-to-image (SDEdit, Meng et al. 2022; diffusers' img2img pipelines):
+``start = k`` skips the first ``k`` steps; with ``x_init`` the walk begins
+at ``renoise(x_init, level_k, x)``, ``x`` being the standard normal noise
+(``scheduler.add_noise(init_latents, noise, timesteps[k])``). Steps keep
+their index ``i`` in the full walk. ``start`` = the number of steps returns
+``x_init`` unchanged (no step left).
 """
 
 from __future__ import annotations
@@ -98,6 +105,27 @@ def _paste(x: Tensor, known: Tensor, mask: Tensor) -> Tensor:
 Renoise = Callable[[Tensor, Any, Tensor], Tensor]
 
 
+def check_start(start: int, num_steps: int, x_init: Optional[Tensor], x: Tensor) -> None:
+    """ValueError unless ``0 <= start <= num_steps`` and ``x_init`` (if any) has x's shape."""
+    if not 0 <= start <= num_steps:
+        raise ValueError(f"start must be in 0..{num_steps} (the steps of the walk), got {start}")
+    if start == num_steps and x_init is None:
+        raise ValueError("start = the number of steps leaves no step to take: give x_init")
+    if x_init is not None and x_init.shape != x.shape:
+        raise ValueError(f"x_init {tuple(x_init.shape)} does not fit x {tuple(x.shape)}")
+
+
+def start_point(x: Tensor, pairs: Sequence[Tuple[Any, Any]], renoise: Renoise, start: int,
+                x_init: Optional[Tensor]) -> Tensor:
+    """Where a walk begins: ``x``, or ``x_init`` noised with ``x`` to the level of step ``start``."""
+    check_start(start, len(pairs), x_init, x)
+    if x_init is None:
+        return x
+    if start == len(pairs):
+        return x_init
+    return renoise(x_init, pairs[start][0], x)
+
+
 def walk(
     step: Callable[[Tensor, int, Any, Any], StepOutput],
     x: Tensor,
@@ -111,16 +139,22 @@ def walk(
     progress: bool = True,
     return_intermediates: bool = False,
     desc: str = "sampling",
+    start: int = 0,
+    x_init: Optional[Tensor] = None,
 ) -> SampleOutput:
     """Walk ``x: (B, C, H, W)`` through ``step(x, i, level, level_next)`` over the ``(level, level_next)`` pairs.
 
     A level is a timestep (``sampling_loop``) or a sigma (the sigma samplers).
     With a mask, the known region is set to ``renoise(x0_known, level, noise)``
-    before each step and to ``x0_known`` after the last.
+    before each step and to ``x0_known`` after the last. ``start`` / ``x_init``:
+    image-to-image (module docstring).
     """
     _check_mask(known_mask, x0_known, x)
+    x = start_point(x, pairs, renoise, start, x_init)
+    if start == len(pairs):
+        return SampleOutput(x, [])
     intermediates: List[Tensor] = []
-    for i, (level, level_next) in enumerate(tqdm(pairs, desc=desc, disable=not progress)):
+    for i, (level, level_next) in enumerate(tqdm(pairs[start:], desc=desc, disable=not progress), start):
         if known_mask is not None:  # noise the known region to the step's level (LDM p_sample_loop)
             x = _paste(x, renoise(x0_known, level, randn(x, generator)), known_mask)
         out = step(x, i, level, level_next)
@@ -147,6 +181,8 @@ def sampling_loop(
     progress: bool = True,
     return_intermediates: bool = False,
     desc: str = "sampling",
+    start: int = 0,
+    x_init: Optional[Tensor] = None,
 ) -> SampleOutput:
     """Walk ``x: (B, C, H, W)`` through ``step`` over the ``(t, t_next)`` timestep pairs of ``process``."""
 
@@ -154,4 +190,5 @@ def sampling_loop(
         return process.q_sample(x0, batch_t(t, x0), noise)
 
     return walk(step, x, pairs, renoise, generator=generator, known_mask=known_mask, x0_known=x0_known,
-                callback=callback, progress=progress, return_intermediates=return_intermediates, desc=desc)
+                callback=callback, progress=progress, return_intermediates=return_intermediates, desc=desc,
+                start=start, x_init=x_init)

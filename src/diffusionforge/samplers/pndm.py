@@ -111,7 +111,7 @@ def sample_pndm(
     x0_known: Optional[Tensor] = None,
     callback: Optional[Callback] = None,
     progress: bool = True,
-    return_intermediates: bool = False,
+    return_intermediates: bool = False, start: int = 0, x_init: Optional[Tensor] = None,
 ) -> SampleOutput:
     """F-PNDM from ``x_T: (B, C, H, W)``: three pseudo Runge-Kutta steps, then pseudo linear multistep.
 
@@ -142,9 +142,9 @@ def sample_pndm(
 
     def step(x: Tensor, i: int, t: int, t_prev: int) -> StepOutput:
         ets.append(eps_at(x, t))
-        if runge_kutta and i < PRK_STEPS:
+        if runge_kutta and i - start < PRK_STEPS:  # the warm-up counts from the first step taken
             e = runge_kutta_eps(eps_at, phi, x, ets[-1], t, t_prev)
-        elif not runge_kutta and i == 0 and t_prev >= 0:  # PLMS's first step: Heun
+        elif not runge_kutta and i == start and t_prev >= 0:  # PLMS's first step: Heun
             e = (ets[-1] + eps_at(phi(x, ets[-1], t, t_prev), t_prev)) / 2
         else:
             e = adams_bashforth(ets)
@@ -154,6 +154,7 @@ def sample_pndm(
     return sampling_loop(
         step, process, x_T, descending_pairs(timesteps), generator=generator, known_mask=known_mask,
         x0_known=x0_known, callback=callback, progress=progress, return_intermediates=return_intermediates,
+        start=start, x_init=x_init,
         desc="PNDM" if runge_kutta else "PLMS",
     )
 

@@ -14,6 +14,9 @@ A *solver* (``k_samplers.py``, ``dpmpp.py``) has one signature over a
                      region becomes x0_known + sigma * noise; after the
                      last step, x0_known
     callback         callback(i, sigma, x, x0_hat) after each step
+    start, x_init    image-to-image: skip the first ``start`` steps and begin
+                     at x_init + sigmas[start] * x (``loop.walk``); the
+                     registry function then hands x_T over unscaled
     intermediates    x after each step (VE coordinates; the last is the sample)
     ===============  =====================================================
 
@@ -55,7 +58,7 @@ def denoise_at(denoiser: Denoiser, x: Tensor, sigma: float, cond: Optional[Cond]
 def sigma_walk(step: SigmaStep, x: Tensor, sigmas: Tensor, *, generator: Optional[torch.Generator] = None,
                known_mask: Optional[Tensor] = None, x0_known: Optional[Tensor] = None,
                callback: Optional[Callback] = None, progress: bool = True, return_intermediates: bool = False,
-               desc: str = "sampling") -> SampleOutput:
+               desc: str = "sampling", start: int = 0, x_init: Optional[Tensor] = None) -> SampleOutput:
     """Walk ``x`` through ``step`` over consecutive pairs of ``sigmas: (n + 1,)``."""
     levels = [float(s) for s in sigmas]
     if len(levels) < 2 or levels[-1] != 0 or any(a <= b for a, b in zip(levels, levels[1:])):
@@ -66,7 +69,7 @@ def sigma_walk(step: SigmaStep, x: Tensor, sigmas: Tensor, *, generator: Optiona
 
     return walk(step, x, list(zip(levels[:-1], levels[1:])), renoise, generator=generator,
                 known_mask=known_mask, x0_known=x0_known, callback=callback, progress=progress,
-                return_intermediates=return_intermediates, desc=desc)
+                return_intermediates=return_intermediates, desc=desc, start=start, x_init=x_init)
 
 
 class Clamped:
@@ -94,7 +97,8 @@ def registry_sampler(solver: Solver) -> Callable[..., SampleOutput]:
                return_intermediates: bool = False, **options) -> SampleOutput:
         denoiser = process.denoiser(denoise)
         sigmas = make_sigmas(denoiser, num_steps, schedule, spacing)
-        x = x_T * denoiser.prior_scale(float(sigmas[0]))
+        img2img = options.get("x_init") is not None  # x_T is the noise added to x_init (loop.walk)
+        x = x_T if img2img else x_T * denoiser.prior_scale(float(sigmas[0]))
         model = Clamped(denoiser) if clip_denoised else denoiser
         return solver(model, x, sigmas, cond, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates, **options)

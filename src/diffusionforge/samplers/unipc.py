@@ -114,15 +114,17 @@ def unipc_update(x_s: Tensor, s: float, t: float, x0_s: Tensor, history: History
     return x_t
 
 
-def unipc_orders(num_steps: int, order: int) -> List[int]:
-    """The predictor's order at each step: warm-up ``min(i + 1, order)``, lower order over the last steps."""
-    return [min(order, i + 1, num_steps - i) for i in range(num_steps)]
+def unipc_orders(num_steps: int, order: int, start: int = 0) -> List[int]:
+    """The predictor's order at each step: warm-up ``min(i - start + 1, order)`` from the first step taken
+    (diffusers' ``lower_order_nums``), lower order over the last steps."""
+    return [min(order, max(i - start, 0) + 1, num_steps - i) for i in range(num_steps)]
 
 
 def unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
           generator: Optional[torch.Generator] = None, known_mask: Optional[Tensor] = None,
           x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None, progress: bool = True,
-          return_intermediates: bool = False, order: int = 2) -> SampleOutput:
+          return_intermediates: bool = False,
+          start: int = 0, x_init: Optional[Tensor] = None, order: int = 2) -> SampleOutput:
     """UniPC-``order`` (bh2, x0) from ``x`` at ``sigmas[0]`` down ``sigmas: (n + 1,)`` to 0, n network calls.
 
     The solver signature of ``sigma_sampler.py`` (VE coordinates). Deterministic:
@@ -131,14 +133,14 @@ def unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
     if not 1 <= order <= MAX_ORDER:
         raise ValueError(f"order must be in 1..{MAX_ORDER}, got {order}")
     levels = [float(s) for s in sigmas]
-    orders = unipc_orders(len(levels) - 1, order)
+    orders = unipc_orders(len(levels) - 1, order, start)
     past: List[Tuple[float, Tensor]] = []  # (sigma, x0) of the steps so far, newest first
     base: Optional[Tensor] = None  # x_s of the last predictor, where the corrector starts
 
     def step(x: Tensor, i: int, s: float, t: float) -> StepOutput:
         nonlocal base
         x0 = denoise_at(denoiser, x, s, cond)
-        if i > 0:  # UniC-p (p: the last predictor's order) corrects x with the x0 the network saw there
+        if past:  # UniC-p (p: the last predictor's order) corrects x with the x0 the network saw there
             x = unipc_update(base, levels[i - 1], s, past[0][1], past[1:orders[i - 1]], x0_t=x0)
         past.insert(0, (s, x0))
         del past[MAX_ORDER:]
@@ -147,6 +149,7 @@ def unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
 
     return sigma_walk(step, x, sigmas, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates,
+                      start=start, x_init=x_init,
                       desc=f"UniPC-{order}")
 
 
