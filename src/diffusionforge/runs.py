@@ -17,6 +17,9 @@ A run directory holds::
     logs/version_N/         metrics.csv of each fit (a resume adds a version)
     loss.png                train and validation loss against step (plotting.py, `dforge plot`)
     train_summary.json      wall time, steps and peak memory of the last fit
+    class_names.json        `dforge import` of a DiT: the class names (id2label), one per class index
+    text_encoder/           `dforge import` of Stable Diffusion: the CLIP text encoder + tokenizer
+                            (model.conditioning.text.path: text_encoder, relative to the run)
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ FIRST_STAGE_WEIGHTS = "first_stage.safetensors"
 AUTOENCODER_WEIGHTS = "autoencoder.safetensors"  # task=autoencoder runs, instead of model*.safetensors
 SUMMARY_FILE = "train_summary.json"
 METRICS_FILE = "metrics.json"
+CLASS_NAMES_FILE = "class_names.json"  # imported class-conditional runs (`dforge import`): a JSON list, one name per class index
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 RUN_DIR_ENV = "DFORGE_RUN_DIR"  # set for DDP worker processes that re-run the CLI
 
@@ -97,7 +101,18 @@ def open_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, 
         raise CheckpointError(f"{run_dir}: run directory not found")
     if not (run_dir / CONFIG_FILE).is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no {CONFIG_FILE})")
-    return run_dir.resolve(), load_config(str(run_dir / CONFIG_FILE), overrides)
+    run_dir = run_dir.resolve()
+    return run_dir, resolve_run_paths(run_dir, load_config(str(run_dir / CONFIG_FILE), overrides))
+
+
+def resolve_run_paths(run_dir: Path, config: ExperimentConfig) -> ExperimentConfig:
+    """A relative ``model.conditioning.text.path`` naming a folder inside the run (``dforge import``'s
+    ``text_encoder``) made absolute, so the run reads its own copy wherever it has moved."""
+    text = config.model.conditioning.text
+    if text is None or text.path is None or Path(text.path).is_absolute() or not (run_dir / text.path).is_dir():
+        return config
+    conditioning = replace(config.model.conditioning, text=replace(text, path=str(run_dir / text.path)))
+    return replace(config, model=replace(config.model, conditioning=conditioning))
 
 
 def last_checkpoint(run_dir: Path) -> Path:

@@ -32,19 +32,20 @@ EXAMPLES = """examples:
   dforge translate runs/fashion-lbm-sr-20261123-101500 low_res.png --steps 1 --out high_res.png
   dforge story runs/fashion-arldm-20261123-101500 --captions "a sneaker at the top left" "it moves to the right" --out story.png
   dforge convert stable-diffusion-v1-5 --kind vae --to ours --out sd15-vae
+  dforge import stable-diffusion-v1-5 --out runs/sd15        # a pretrained pipeline as a run directory
   dforge plot runs/fashion-ddpm-20261123-101500      # loss.png: train and validation loss against step
   dforge presets
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert, evaluate, plot, presets, sample, story, train, translate
+    from . import convert, evaluate, import_, plot, presets, sample, story, train, translate
 
     parser = argparse.ArgumentParser(
         prog="dforge", description="Train, sample and evaluate diffusion models.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (train, sample, translate, story, evaluate, convert, plot, presets):
+    for module in (train, sample, translate, story, evaluate, convert, import_, plot, presets):
         module.add_parser(sub)
     return parser
 

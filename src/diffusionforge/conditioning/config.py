@@ -77,6 +77,7 @@ class TextConditionerConfig:
     freeze: bool = True  # encoder weights fixed (requires_grad False) and always in eval mode
     output: Literal["crossattn", "vector"] = "crossattn"  # (B, L, D) tokens + mask, or mean-pooled (B, D)
     cache_size: int = 4096  # a frozen encoder's outputs are kept for this many distinct captions (0: off)
+    sd_padding: bool = False  # encode as Stable Diffusion: pad to max_length, the encoder sees no attention mask, no crossattn_mask
 
     def __post_init__(self) -> None:
         check_ucg_rate(self.ucg_rate)
@@ -87,6 +88,11 @@ class TextConditionerConfig:
             raise ConfigError(f"TextConditionerConfig.output must be 'crossattn' or 'vector', got {self.output!r}")
         if not is_int(self.cache_size) or self.cache_size < 0:
             raise ConfigError(f"TextConditionerConfig.cache_size must be an integer >= 0, got {self.cache_size!r}")
+        if not isinstance(self.sd_padding, bool):
+            raise ConfigError(f"TextConditionerConfig.sd_padding must be true or false, got {self.sd_padding!r}")
+        if self.sd_padding and self.output != "crossattn":
+            raise ConfigError("TextConditionerConfig.sd_padding needs output=crossattn (Stable Diffusion's "
+                              "token sequence)")
         if not is_int(self.max_length) or self.max_length < 2:
             raise ConfigError(f"TextConditionerConfig.max_length must be an integer >= 2 (start and end "
                               f"tokens), got {self.max_length!r}")

@@ -27,7 +27,10 @@ Classifier-free guidance (Ho & Salimans 2022): a dropped sample's caption is
 replaced by the empty caption ``""``, as LDM / SD train their unconditional
 model. It still encodes its start and end tokens, so no mask row is all False.
 (SD v1 itself attends to padding positions too; with ``crossattn_mask`` our
-UNet does not.)
+UNet does not, unless ``sd_padding``: then, as Stable Diffusion's pipelines, the
+encoder runs on the ``max_length`` padded ids without an attention mask and the
+whole sequence, padding included, is handed on without a mask: the mask ``m``
+is all True and the output a plain ``(B, L, D)`` tensor.)
 
 A frozen encoder (``freeze=True``) has ``requires_grad=False`` and stays in
 eval mode when the module is put in train mode. Its weights remain part of
@@ -205,12 +208,17 @@ class TextConditioner(Conditioner):
             hidden, mask = self._encode(captions)
         if self.kind == "vector":
             return mean_pool(hidden, mask)  # (B, D)
+        if self.config.sd_padding:
+            return hidden  # (B, L, D), no crossattn_mask
         return MaskedCond(hidden, mask)
 
     def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         ids, mask = self.tokenize(captions)
+        if self.config.sd_padding:  # Stable Diffusion: every position attended, padding included
+            mask = torch.ones_like(mask)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze):
-            hidden = self.encoder(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, D)
+            attention = None if self.config.sd_padding else mask.long()
+            hidden = self.encoder(input_ids=ids, attention_mask=attention).last_hidden_state  # (B, L, D)
         return hidden, mask
 
     def _encode_cached(self, captions: list[str]) -> tuple[Tensor, Tensor]:

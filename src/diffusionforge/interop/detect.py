@@ -98,7 +98,7 @@ def _check_kind(src: Any, found: str, kind: Kind, layout: str) -> None:
 
 
 def _load_checkpoint_file(src: Path, kind: Kind, config_path: Optional[Path]) -> Loaded:
-    state = _read_state_dict(src)
+    state = read_state_dict(src)
     found = {k for k, i in INTEROP.items() if any(key.startswith(i.compvis_prefix) or key == i.bare_key
                                                   for key in state)}
     if found and kind not in found:
@@ -113,7 +113,7 @@ def _load_checkpoint_file(src: Path, kind: Kind, config_path: Optional[Path]) ->
         raise CheckpointError(f"{src}: {err}{hint}") from None
 
 
-def _read_state_dict(src: Path) -> dict[str, Tensor]:
+def read_state_dict(src: Path) -> dict[str, Tensor]:
     """The tensors of a CompVis checkpoint file (``"state_dict"`` unwrapped; other entries dropped)."""
     suffix = src.suffix.lower()
     if suffix == SAFETENSORS_SUFFIX:

@@ -51,6 +51,8 @@ class GaussianDiffusionConfig:
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023), in its form for the prediction type; 0 = off
     offset_noise: float = 0.0  # training noise eps + s * N(0, 1) per (B, C, 1, 1) (Guttenberg 2023); 0 = off
     rescale_betas_zero_snr: bool = False  # rescale the betas to zero terminal SNR (Lin et al. 2024, Alg. 1); needs v, sample with spacing=trailing
+    steps_offset: int = 0  # DDIM: added to the timesteps of spacing=leading (diffusers' steps_offset; Stable Diffusion: 1)
+    set_alpha_to_one: bool = True  # DDIM: the last step lands on abar = 1 (True), or on abar_0 (diffusers' set_alpha_to_one=False, Stable Diffusion)
 
     def __post_init__(self) -> None:
         _validate_config(self)
@@ -89,6 +91,9 @@ def _validate_config(c: GaussianDiffusionConfig) -> None:
     _check(c.offset_noise >= 0.0, "offset_noise", ">= 0 (0 = off)", c.offset_noise)
     _check(isinstance(c.rescale_betas_zero_snr, bool), "rescale_betas_zero_snr", "true or false",
            c.rescale_betas_zero_snr)
+    _check(is_int(c.steps_offset) and 0 <= c.steps_offset < c.num_timesteps, "steps_offset",
+           "an int in 0..num_timesteps-1", c.steps_offset)
+    _check(isinstance(c.set_alpha_to_one, bool), "set_alpha_to_one", "true or false", c.set_alpha_to_one)
     if c.rescale_betas_zero_snr:  # at abar_{T-1} = 0 only v determines x0 (Lin et al. 2024, Sec. 3.2)
         _check(c.prediction_type == "v", "prediction_type", "v with rescale_betas_zero_snr", c.prediction_type)
         _check(c.num_timesteps >= 2, "num_timesteps", ">= 2 with rescale_betas_zero_snr", c.num_timesteps)
