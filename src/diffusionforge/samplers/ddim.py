@@ -104,6 +104,15 @@ def ddim_invert_step(
     return StepOutput(x_next, x0)
 
 
+def scheduler_options(process: GaussianDiffusion) -> tuple[int, float]:
+    """``(steps_offset, final_alpha_cumprod)`` of the process config (diffusers' ``steps_offset`` and
+    ``set_alpha_to_one``: False lands the last step on ``abar_0``, as Stable Diffusion's scheduler)."""
+    config = getattr(process, "config", None)
+    offset = int(getattr(config, "steps_offset", 0))
+    final = 1.0 if getattr(config, "set_alpha_to_one", True) else float(process.alphas_cumprod[0])
+    return offset, final
+
+
 def sample_ddim(
     denoise: DenoiseFn,
     process: GaussianDiffusion,
@@ -126,12 +135,13 @@ def sample_ddim(
     With ``eta == 0`` no noise is drawn, so the result does not depend on
     ``generator`` (unless inpainting, which noises the known region).
     """
-    timesteps = make_timesteps(process.num_timesteps, num_steps, spacing)
+    offset, final = scheduler_options(process)
+    timesteps = make_timesteps(process.num_timesteps, num_steps, spacing, offset)
 
     def step(x: Tensor, i: int, t: int, t_prev: int) -> StepOutput:
         out = call_denoise(denoise, process, x, t, cond)
         noise = randn(x, generator) if eta > 0 else None
-        return ddim_step(process, out, x, t, t_prev, eta, noise, clip_denoised)
+        return ddim_step(process, out, x, t, t_prev, eta, noise, clip_denoised, final)
 
     return sampling_loop(
         step, process, x_T, descending_pairs(timesteps), generator=generator, known_mask=known_mask,

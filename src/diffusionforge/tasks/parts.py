@@ -136,6 +136,8 @@ def label_conditioning(config: ExperimentConfig) -> Optional[LabelConditioning]:
     class_cfg, text_cfg = config.model.conditioning.class_label, config.model.conditioning.text
     if class_cfg is None and text_cfg is None:
         return None
+    if class_cfg is None and not has_caption_names(config.data.name):
+        return None  # captions from a prompt only (an imported Stable Diffusion): no class names to make them from
     names = caption_names(config.data.name) if text_cfg is not None else ()
     return LabelConditioning(
         num_classes=class_cfg.num_classes if class_cfg is not None else len(names),
@@ -143,6 +145,15 @@ def label_conditioning(config: ExperimentConfig) -> Optional[LabelConditioning]:
         caption_key=text_cfg.input_key if text_cfg is not None else None,
         caption_template=config.data.caption_template if text_cfg is not None else None,
         caption_names=names)
+
+
+def has_caption_names(data_name: str) -> bool:
+    """Whether the data source has class names that captions can be made from."""
+    try:
+        caption_names(data_name)
+    except ConfigError:
+        return False
+    return True
 
 
 def prepare_first_stage(config: ExperimentConfig, datamodule):
