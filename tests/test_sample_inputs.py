@@ -1,0 +1,313 @@
+"""`dforge sample` inputs: prompts, class names, img2img (SDEdit), inpainting, the whole-request noise draw.
+
+Library level on tiny random models (the ``tiny`` preset's UNet, a tiny
+random CLIP text tower for the text runs), sampler level against diffusers'
+schedulers (img2img's ``get_timesteps`` / ``add_noise`` and the remaining
+walk with a fixed random network), and the CLI on the shared ``tiny_run``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img import StableDiffusionImg2ImgPipeline
+from PIL import Image
+
+from diffusionforge.cli.main import main
+from diffusionforge.config.loader import load_config
+from diffusionforge.errors import ConfigError
+from diffusionforge.models.generative import strength_start
+from diffusionforge.processes import GaussianDiffusion, GaussianDiffusionConfig
+from diffusionforge.samplers import SAMPLERS
+from diffusionforge.samplers.ddim import sample_ddim
+from diffusionforge.samplers.sigmas import make_sigmas
+from diffusionforge.samplers.spacing import make_timesteps
+from diffusionforge.tasks.diffusion import build_diffusion_model, resolve_class, sample_images, sample_request
+
+SHAPE = (2, 3, 8, 8)
+
+
+class FixedNet:
+    """``net(x, t (B,), cond) -> (B, C, H, W)``: a fixed random 3x3 convolution, smooth in t (float64 inside)."""
+
+    def __init__(self, seed: int = 0, channels: int = 3):
+        g = torch.Generator().manual_seed(seed)
+        self.weight = torch.randn(channels, channels, 3, 3, generator=g, dtype=torch.float64) * 0.3
+
+    def __call__(self, x, t, cond=None):
+        t = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0]).reshape(-1, 1, 1, 1)
+        y = torch.tanh(torch.nn.functional.conv2d(x.double(), self.weight, padding=1))
+        return (0.7 * x.double() + 0.3 * y * torch.cos(t / 400)).to(x.dtype)
+
+
+def randn(seed, shape=SHAPE):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_near(ours, reference, tol=1e-4):
+    err = (ours.double() - reference.double()).abs().max() / (1 + reference.double().abs().max())
+    assert float(err) <= tol, float(err)
+
+
+def diffusers_img2img(scheduler, net, num_steps, strength, x0, noise):
+    """diffusers' img2img loop (``get_timesteps``, ``add_noise`` at ``timesteps[:1]``, the remaining steps)."""
+    scheduler.set_timesteps(num_steps)
+    timesteps, remaining = StableDiffusionImg2ImgPipeline.get_timesteps(
+        SimpleNamespace(scheduler=scheduler), num_steps, strength, "cpu")
+    x = scheduler.add_noise(x0, noise, timesteps[:1])
+    for t in timesteps:
+        x = scheduler.step(net(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+    return x, timesteps, remaining
+
+
+# ---- img2img against diffusers ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("num_steps,strength", [(10, 1.0), (10, 0.75), (10, 0.5), (50, 0.8), (25, 0.3),
+                                                (7, 0.99), (4, 0.1), (10, 0.0)])
+def test_first_step_matches_diffusers_get_timesteps(num_steps, strength):
+    start = strength_start(num_steps, strength)
+    for cls, spacing in ((DDIMScheduler, "leading"), (DDIMScheduler, "trailing"), (EulerDiscreteScheduler, "leading")):
+        scheduler = cls(timestep_spacing=spacing)
+        scheduler.set_timesteps(num_steps)
+        timesteps, remaining = StableDiffusionImg2ImgPipeline.get_timesteps(
+            SimpleNamespace(scheduler=scheduler), num_steps, strength, "cpu")
+        ours = make_timesteps(1000, num_steps, spacing)
+        assert num_steps - start == remaining == len(timesteps)
+        if remaining:
+            assert int(ours[start]) == int(timesteps[0])
+        if cls is EulerDiscreteScheduler and remaining:  # its add_noise level: sigmas[begin_index]
+            process = GaussianDiffusion(GaussianDiffusionConfig(beta_schedule="linear", linear_start=1e-4,
+                                                                linear_end=2e-2))
+            sigmas = make_sigmas(process.denoiser(FixedNet()), num_steps, "discrete", spacing)
+            torch.testing.assert_close(sigmas[start].float(), scheduler.sigmas[scheduler.begin_index], rtol=1e-5,
+                                       atol=0)
+
+
+def linear_process():
+    return GaussianDiffusion(GaussianDiffusionConfig(beta_schedule="linear", linear_start=1e-4, linear_end=2e-2))
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.6, 0.25])
+def test_ddim_img2img_matches_diffusers(strength):
+    net, x0, noise = FixedNet(), randn(0).clamp(-1, 1), randn(1)
+    scheduler = DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, clip_sample=False,
+                              set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    theirs, _, _ = diffusers_img2img(scheduler, net, 10, strength, x0, noise)
+    ours = sample_ddim(net, linear_process(), noise, num_steps=10, spacing="leading", progress=False,
+                       start=strength_start(10, strength), x_init=x0).sample
+    assert_near(ours, theirs)
+
+
+@pytest.mark.parametrize("sampler,cls,spacing", [("euler", EulerDiscreteScheduler, "leading"),
+                                                 ("dpmpp_2m", DPMSolverMultistepScheduler, "trailing")])
+@pytest.mark.parametrize("strength", [1.0, 0.7, 0.3])
+def test_sigma_sampler_img2img_matches_diffusers(sampler, cls, spacing, strength):
+    """diffusers' Euler / DPM++ 2M img2img: noised to sigmas[begin_index], multistep history starting empty.
+    (DPM-Solver's own "leading" grid is not ours, tests/test_k_samplers.py: it is compared "trailing".)"""
+    net, x0, noise = FixedNet(), randn(0).clamp(-1, 1), randn(1)
+    scheduler = cls(beta_schedule="linear", beta_start=1e-4, beta_end=2e-2, timestep_spacing=spacing)
+    theirs, _, _ = diffusers_img2img(scheduler, net, 12, strength, x0, noise)
+    ours = SAMPLERS[sampler].fn(net, linear_process(), noise, num_steps=12, schedule="discrete", spacing=spacing,
+                                progress=False, start=strength_start(12, strength), x_init=x0).sample
+    assert_near(ours, theirs, tol=2e-4)
+
+
+def test_strength_one_is_not_plain_sampling_but_sampling_from_the_noised_image():
+    """diffusers' semantics: strength 1 still noises the image to the first timestep (sqrt(abar) x0 + ...),
+    so it equals plain sampling from q_sample(x0, t_0, noise), not from the noise alone."""
+    net, process, x0, noise = FixedNet(), linear_process(), randn(0).clamp(-1, 1), randn(1)
+    first = make_timesteps(1000, 10, "leading")[:1].expand(len(x0))
+    img2img = sample_ddim(net, process, noise, num_steps=10, progress=False, start=0, x_init=x0).sample
+    plain_from_noised = sample_ddim(net, process, process.q_sample(x0, first, noise), num_steps=10,
+                                    progress=False).sample
+    plain = sample_ddim(net, process, noise, num_steps=10, progress=False).sample
+    torch.testing.assert_close(img2img, plain_from_noised)
+    assert not torch.allclose(img2img, plain)
+
+
+@pytest.mark.parametrize("sampler", sorted(name for name, entry in SAMPLERS.items() if "ddpm" in entry.objectives))
+def test_every_ddpm_sampler_walks_img2img_and_keeps_the_known_latents(sampler):
+    """start / x_init reach every registered sampler; inpainting keeps the known region of the diffusion
+    space exactly (the latent grid of a latent run); strength 0 returns x_init."""
+    net, process, x0, noise = FixedNet(), linear_process(), randn(0).clamp(-1, 1), randn(1)
+    known = torch.zeros(1, 1, 8, 8)
+    known[..., 4:] = 1
+    fn = SAMPLERS[sampler].fn
+    out = fn(net, process, noise, num_steps=6, progress=False, generator=torch.Generator().manual_seed(0),
+             start=strength_start(6, 0.5), x_init=x0, known_mask=known.expand_as(x0), x0_known=x0).sample
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[..., 4:], x0[..., 4:])
+    assert not torch.allclose(out[..., :4], x0[..., :4])
+    same = fn(net, process, noise, num_steps=6, progress=False, start=6, x_init=x0).sample
+    assert torch.equal(same, x0)
+
+
+# ---- the model and sample_images ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    config = load_config("tiny")
+    return config, build_diffusion_model(config).eval()
+
+
+def test_noise_is_one_whole_request_draw_whatever_the_batch_size(tiny_model):
+    config, model = tiny_model
+    request = sample_request(config, "ddim", 4, guidance=2.0)
+    a, _ = sample_images(model, 5, request, seed=3, batch_size=5, progress=False)
+    b, _ = sample_images(model, 5, request, seed=3, batch_size=2, progress=False)
+    assert torch.equal(a, b)
+    noise = torch.randn((5, *model.latent_shape), generator=torch.Generator().manual_seed(3))  # diffusers' draw
+    labels = torch.arange(5) % 10
+    direct = model.sample(model.label_batch(labels), 5, request, noise=noise)
+    assert torch.equal(a, direct)
+
+
+def test_img2img_strength_zero_returns_the_image_and_mask_keeps_pixels(tiny_model):
+    config, model = tiny_model
+    request = sample_request(config, "ddim", 5, guidance=2.0)
+    image = randn(5, (1, 1, 28, 28)).clamp(-1, 1)
+    same, _ = sample_images(model, 2, request, seed=0, progress=False, init_image=image, strength=0.0)
+    torch.testing.assert_close(same, image.expand(2, -1, -1, -1))
+    edited, _ = sample_images(model, 2, request, seed=0, progress=False, init_image=image, strength=0.6)
+    assert not torch.allclose(edited, same)
+    mask = torch.zeros(1, 1, 28, 28)
+    mask[..., :, :14] = 1  # white: repaint the left half
+    filled, _ = sample_images(model, 2, request, seed=0, progress=False, init_image=image, mask=mask)
+    assert torch.equal(filled[..., 14:], image[..., 14:].expand(2, -1, -1, -1))
+    assert not torch.allclose(filled[..., :14], image[..., :14].expand(2, -1, -1, -1))
+    again, _ = sample_images(model, 2, request, seed=0, batch_size=1, progress=False, init_image=image, mask=mask)
+    assert torch.equal(filled, again)
+
+
+def test_class_names_resolve(tiny_model):
+    config, _ = tiny_model
+    assert resolve_class(config, "Sneaker") == resolve_class(config, "sneaker") == resolve_class(config, "7") == 7
+    assert resolve_class(config, "a pair of trousers") == resolve_class(config, "Trouser") == 1
+    assert resolve_class(config, "ankle boot") == 9
+    with pytest.raises(ConfigError, match="unknown class.*T-shirt/top, Trouser"):
+        resolve_class(config, "unicorn")
+    mnist = load_config("tiny", ["data.name=mnist", "data.root=/nonexistent"])
+    assert resolve_class(mnist, "seven") == resolve_class(mnist, "7") == 7
+
+
+@pytest.fixture(scope="module")
+def text_model(tmp_path_factory):
+    from test_text_conditioner import _tiny_clip
+
+    path = _tiny_clip(tmp_path_factory.mktemp("clip"))
+    config = load_config("tiny", ["model.conditioning.class_label=null", "model.conditioning.text.encoder=clip",
+                                  f"model.conditioning.text.path={path}", "model.conditioning.text.max_length=16",
+                                  "data.caption_template=a photo of {}"])
+    torch.manual_seed(0)
+    model = build_diffusion_model(config).eval()
+    with torch.no_grad():  # a fresh UNet zeroes its attention outputs: make the text reach the prediction
+        for param in model.sampling_net()["backbone"].parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return config, model
+
+
+def test_prompt_and_negative_prompt_change_the_output(text_model):
+    config, model = text_model
+    request = sample_request(config, "ddim", 4, guidance=3.0)
+
+    def draw(**kwargs):
+        return sample_images(model, 2, request, seed=1, progress=False, **kwargs)[0]
+
+    bag, shoe = draw(prompt="a photo of a bag"), draw(prompt="a red shoe")
+    assert not torch.allclose(bag, shoe)
+    assert torch.equal(bag, draw(prompt="a photo of a bag"))
+    negative = draw(prompt="a photo of a bag", negative_prompt="a red shoe")
+    assert not torch.allclose(bag, negative)
+    # the empty negative prompt is the unconditional branch itself
+    assert torch.equal(bag, draw(prompt="a photo of a bag", negative_prompt=""))
+    with pytest.raises(ConfigError, match="--negative-prompt acts through classifier-free guidance"):
+        sample_images(model, 1, sample_request(config, "ddim", 2, guidance=1.0), progress=False, prompt="a bag",
+                      negative_prompt="a shoe")
+    with pytest.raises(ConfigError, match="--negative-prompt needs --prompt"):
+        draw(negative_prompt="a shoe")
+    with pytest.raises(ConfigError, match="classes are captions"):
+        draw(prompt="a bag", class_label=3)
+
+
+def test_a_run_without_class_captions_needs_a_prompt(text_model):
+    config, model = text_model
+    saved = model.labels
+    model.labels = dataclasses.replace(saved, caption_template=None)
+    try:
+        with pytest.raises(ConfigError, match="give --prompt"):
+            sample_images(model, 1, sample_request(config, "ddim", 2), progress=False)
+        assert sample_images(model, 1, sample_request(config, "ddim", 2), progress=False, prompt="a bag")[0].shape \
+            == (1, 1, 28, 28)
+    finally:
+        model.labels = saved
+
+
+def test_prompt_refused_for_a_run_without_text(tiny_model):
+    config, model = tiny_model
+    with pytest.raises(ConfigError, match="not text-conditioned"):
+        sample_images(model, 1, sample_request(config, "ddim", 2), progress=False, prompt="a bag")
+
+
+# ---- the CLI --------------------------------------------------------------------------------------------
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    return code, capsys.readouterr().err
+
+
+def one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("dforge: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_cli_class_names_prompts_and_images(tiny_run, tmp_path, capsys):
+    outs = {}
+    for name in ("7", "Sneaker"):
+        outs[name] = tmp_path / f"{name}.png"
+        code, err = run_cli(capsys, "sample", str(tiny_run), "--num", "2", "--steps", "3", "--class", name,
+                            "--out", str(outs[name]))
+        assert code == 0, err
+    assert np.array_equal(*(np.asarray(Image.open(p)) for p in outs.values()))
+    one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--class", "unicorn", "--out", str(tmp_path / "x.png")),
+                   "--class 'unicorn'", "Ankle boot")
+    one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--prompt", "a bag", "--out", str(tmp_path / "x.png")),
+                   "--prompt", "not text-conditioned")
+
+    image = tmp_path / "init.png"
+    Image.fromarray((np.arange(28 * 28) % 256).astype(np.uint8).reshape(28, 28), "L").save(image)
+    mask = tmp_path / "mask.png"
+    Image.fromarray(np.where(np.arange(28)[None, :] < 14, 255, 0).repeat(28, 0).astype(np.uint8), "L").save(mask)
+    for extra in (["--strength", "0.5"], ["--mask", str(mask)]):
+        out = tmp_path / "edit.png"
+        code, err = run_cli(capsys, "sample", str(tiny_run), "--num", "2", "--steps", "4", "--init-image", str(image),
+                            *extra, "--out", str(out))
+        assert code == 0, err
+    kept = np.asarray(Image.open(out))  # the grid of 2 inpainted images: each keeps its right half
+    source = np.asarray(Image.open(image))
+    assert np.array_equal(kept[2:30, 2 + 14:30], source[:, 14:])
+
+    big, rgb = tmp_path / "big.png", tmp_path / "rgb.png"
+    Image.new("L", (32, 32)).save(big)
+    Image.new("RGB", (28, 28)).save(rgb)
+    out = str(tmp_path / "x.png")
+    one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--init-image", str(big), "--out", out),
+                   str(big), "32x32", "28x28")
+    one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--init-image", str(rgb), "--out", out),
+                   str(rgb), "1 channel")
+    one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--init-image", str(image), "--mask", str(big),
+                            "--out", out), "--mask", str(big))
+    one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--mask", str(mask), "--out", out), "--mask needs")
+    one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--strength", "0.5", "--out", out), "--strength")
+    one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--init-image", str(image), "--strength", "1.5",
+                            "--out", out), "--strength", "[0, 1]")
+    one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--init-image", str(tmp_path / "none.png"),
+                            "--out", out), "none.png", "not found")
