@@ -219,3 +219,42 @@ def test_bad_inputs_are_one_line_errors(sd_pipeline, tmp_path, capsys):
     assert main(["import", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) != 0
     assert "no such file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_dforge_sample_prompt_matches_diffusers(sd_pipeline, tmp_path):
+    """`dforge sample RUN --prompt` of an imported pipeline: the PNG holds diffusers' image (8-bit rounding)."""
+    from PIL import Image
+
+    pipe, src = sd_pipeline
+    run = tmp_path / "run"
+    import_pipeline(src, run)
+    prompt, seed, steps, guidance = "a photo", 3, 4, 5.0
+    theirs = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance,
+                  generator=torch.Generator().manual_seed(seed), output_type="np").images[0]
+    out = tmp_path / "x.png"
+    assert main(["sample", str(run), "--prompt", prompt, "--num", "1", "--steps", str(steps), "--guidance",
+                 str(guidance), "--seed", str(seed), "--out", str(out)]) == 0
+    png = torch.tensor(list(Image.open(out).convert("RGB").getdata()), dtype=torch.float32)
+    size = int(len(png) ** 0.5)
+    png = png.reshape(size, size, 3) / 255
+    pad = (size - 16) // 2  # the grid's border
+    assert abs(png[pad:pad + 16, pad:pad + 16].numpy() - theirs).max() <= TOL + 0.5 / 255
+
+
+def test_compvis_text_weights_map_onto_clip(sd_pipeline):
+    """``cond_stage_model.transformer.*`` of a CompVis file (with its position_ids) loads into a CLIPTextModel."""
+    from diffusionforge.interop.pipelines import COMPVIS_TEXT_PREFIX, compvis_text_state, load_compvis_text
+
+    pipe, _ = sd_pipeline
+    reference = pipe.text_encoder.state_dict()
+    spelled = {k if k.startswith("text_model.") else "text_model." + k: v for k, v in reference.items()}  # SD v1.4+
+    state = {COMPVIS_TEXT_PREFIX + k: v for k, v in spelled.items()}
+    state[COMPVIS_TEXT_PREFIX + "text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(1)  # other parts are ignored
+    fresh = transformers.CLIPTextModel(pipe.text_encoder.config)
+    load_compvis_text(fresh, compvis_text_state(state), "sd.ckpt")
+    for key, value in reference.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    del state[COMPVIS_TEXT_PREFIX + "text_model.final_layer_norm.weight"]
+    with pytest.raises(CheckpointError, match="missing text encoder key .*final_layer_norm.weight"):
+        load_compvis_text(transformers.CLIPTextModel(pipe.text_encoder.config), compvis_text_state(state), "sd.ckpt")

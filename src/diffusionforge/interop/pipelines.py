@@ -102,6 +102,14 @@ def sd_v1_scheduler_settings() -> SchedulerSettings:
                                "set_alpha_to_one": False, "clip_sample": False, "prediction_type": "epsilon"})
 
 
+def sd_v1_text_config() -> dict[str, Any]:
+    """``transformers.CLIPTextConfig`` fields of Stable Diffusion v1's text encoder (OpenAI CLIP ViT-L/14's text
+    tower, 123,060,480 parameters): what ``cond_stage_model.transformer.*`` of a CompVis v1 file holds."""
+    return dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                num_attention_heads=12, max_position_embeddings=SD_V1_TOKENS, hidden_act="quick_gelu",
+                projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
 # ------------------------------------------------------------------ pipeline folders
 def read_model_index(src: Path) -> dict[str, Any]:
     """``model_index.json`` of a pipeline folder, with its parts checked to be there."""
@@ -166,20 +174,26 @@ def tokenizer_max_length(tokenizer: Path) -> int:
 
 
 def compvis_text_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The HF ``CLIPTextModel`` state dict inside a CompVis SD checkpoint (empty when it holds none)."""
-    out = {}
-    for key, value in state.items():
-        if key.startswith(COMPVIS_TEXT_PREFIX):
-            name = key[len(COMPVIS_TEXT_PREFIX):]
-            if not name.startswith("text_model."):  # transformers < 4.? saved without the text_model. level
-                name = "text_model." + name
-            out[name] = value
-    return out
+    """The CLIP text tower inside a CompVis SD checkpoint, prefix stripped (empty when it holds none)."""
+    return {key[len(COMPVIS_TEXT_PREFIX):]: value for key, value in state.items() if key.startswith(COMPVIS_TEXT_PREFIX)}
+
+
+def _align_text_key(key: str, expected: Mapping[str, Any]) -> str:
+    """A CompVis CLIP key as ``expected`` spells it: with or without the ``text_model.`` level (transformers
+    versions differ; SD v1.4+ files have it)."""
+    if key in expected:
+        return key
+    bare = key[len("text_model."):] if key.startswith("text_model.") else key
+    for candidate in (bare, "text_model." + bare):
+        if candidate in expected:
+            return candidate
+    return key
 
 
 def load_compvis_text(encoder: nn.Module, state: Mapping[str, Tensor], source: Any) -> nn.Module:
     """``encoder`` (a CLIPTextModel) with the CLIP weights of a CompVis checkpoint; position_ids may be absent."""
     expected = encoder.state_dict()
+    state = {_align_text_key(k, expected): v for k, v in state.items()}
     state = {k: v for k, v in state.items() if k in expected or not k.endswith("position_ids")}
     missing = [k for k in expected if k not in state and not k.endswith("position_ids")]
     unexpected = [k for k in state if k not in expected]
