@@ -311,3 +311,48 @@ def test_cli_class_names_prompts_and_images(tiny_run, tmp_path, capsys):
                             "--out", out), "--strength", "[0, 1]")
     one_line_error(*run_cli(capsys, "sample", str(tiny_run), "--init-image", str(tmp_path / "none.png"),
                             "--out", out), "none.png", "not found")
+
+
+def test_latent_img2img_draws_the_posterior_then_the_noise_and_keeps_pixels():
+    """A latent run: the image is encoded to a posterior sample drawn first from the seeded generator, then
+    the whole request's noise (diffusers' img2img order); strength 0 decodes that latent; an inpainting mask
+    is taken to the latent grid (a latent is kept where its whole patch is) and the kept pixels pasted back."""
+    from test_latent_diffusion import latent_model
+
+    model, config = latent_model()
+    model.eval()
+    request = sample_request(config, "ddim", 4, guidance=2.0)
+    image = randn(5, (1, 1, 28, 28)).clamp(-1, 1)
+    generator = torch.Generator().manual_seed(2)
+    z = model.first_stage.autoencoder.encode(image).sample(generator) * model.first_stage.scale_factor
+    noise = torch.randn((2, *model.latent_shape), generator=generator)
+    labels = model.label_batch(torch.tensor([0, 1]))
+    for strength in (0.0, 0.5):
+        ours, _ = sample_images(model, 2, request, seed=2, progress=False, init_image=image, strength=strength)
+        direct = model.sample(labels, 2, request, noise=noise, x_init=z.expand(2, -1, -1, -1),
+                              start=strength_start(4, strength))
+        torch.testing.assert_close(ours, direct, rtol=0, atol=0)
+    unchanged, _ = sample_images(model, 1, request, seed=2, progress=False, init_image=image, strength=0.0)
+    torch.testing.assert_close(unchanged, model.first_stage.decode(z).clamp(-1, 1))
+    mask = torch.zeros(1, 1, 28, 28)
+    mask[..., :, :12] = 1
+    filled, _ = sample_images(model, 2, request, seed=2, progress=False, init_image=image, mask=mask)
+    assert torch.equal(filled[..., 12:], image[..., 12:].expand(2, -1, -1, -1))
+
+
+@pytest.mark.parametrize("objective,sampler", [("flow", "flow_euler"), ("flow", "euler"), ("edm", "heun"),
+                                               ("edm", "dpmpp_2m")])
+def test_img2img_on_edm_and_flow_runs(objective, sampler):
+    torch.manual_seed(0)
+    config = load_config("tiny", [f"model.objective={objective}"])
+    model = build_diffusion_model(config).eval()
+    request = sample_request(config, sampler, 6, guidance=2.0)
+    image = randn(5, (1, 1, 28, 28)).clamp(-1, 1)
+    same, _ = sample_images(model, 2, request, seed=0, progress=False, init_image=image, strength=0.0)
+    torch.testing.assert_close(same, image.expand(2, -1, -1, -1))
+    edited, _ = sample_images(model, 2, request, seed=0, progress=False, init_image=image, strength=0.5)
+    assert torch.isfinite(edited).all() and not torch.allclose(edited, same)
+    mask = torch.zeros(1, 1, 28, 28)
+    mask[..., :, :14] = 1
+    filled, _ = sample_images(model, 2, request, seed=0, progress=False, init_image=image, mask=mask)
+    assert torch.equal(filled[..., 14:], image[..., 14:].expand(2, -1, -1, -1))
