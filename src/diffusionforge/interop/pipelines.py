@@ -20,7 +20,10 @@ The scheduler's ``scheduler_config.json`` becomes the process
 ``beta_schedule``: linear, scaled_linear, squaredcos_cap_v2 = cosine),
 ``prediction_type`` (epsilon -> eps, v_prediction -> v, sample -> x0),
 ``steps_offset``, ``set_alpha_to_one``, ``timestep_spacing``,
-``clip_sample`` and ``rescale_betas_zero_snr``.
+``clip_sample`` and ``rescale_betas_zero_snr``. One known difference: with
+``clip_sample: true`` our DDIM (``sample.clip_denoised``) re-derives eps from
+the clamped x0 (improved-diffusion), diffusers' DDIMScheduler keeps the raw eps;
+Stable Diffusion's schedulers do not clip.
 """
 
 from __future__ import annotations
@@ -41,13 +44,13 @@ PIPELINE_PARTS = {SD_PIPELINE: ("unet", "vae", "text_encoder", "tokenizer", "sch
 COMPVIS_TEXT_PREFIX = "cond_stage_model.transformer."  # OpenAI CLIP (HF CLIPTextModel keys) in a CompVis SD file
 SD_V1_TOKENS = 77
 
-# diffusers scheduler class -> our sampler that walks the same steps
-SCHEDULER_SAMPLERS = {
-    "DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "DDPMScheduler": "ddpm",
-    "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
-    "HeunDiscreteScheduler": "heun", "DPMSolverMultistepScheduler": "dpmpp_2m", "UniPCMultistepScheduler": "unipc",
-    "LMSDiscreteScheduler": "ddim",
-}
+# diffusers scheduler classes whose config describes a discrete Gaussian process. The run samples with
+# DDIM (``sample.sampler: ddim``) whatever the class: our DDIM reads steps_offset and set_alpha_to_one from
+# the process, and equals DDIMScheduler.from_config(pipeline.scheduler.config); the other samplers
+# (euler, dpmpp_2m, pndm, ...) take --sampler but do not read steps_offset / set_alpha_to_one.
+KNOWN_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
+                    "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
+                    "UniPCMultistepScheduler", "LMSDiscreteScheduler")
 _BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -63,8 +66,8 @@ class SchedulerSettings(NamedTuple):
 def scheduler_settings(config: Mapping[str, Any], source: Any = "scheduler config") -> SchedulerSettings:
     """Our process and sample fields of a diffusers ``scheduler_config.json``; one-line errors naming the key."""
     name = config.get("_class_name")
-    if name not in SCHEDULER_SAMPLERS:
-        raise CheckpointError(f"{source}: unknown scheduler class {name!r} (known: {', '.join(sorted(SCHEDULER_SAMPLERS))})")
+    if name not in KNOWN_SCHEDULERS:
+        raise CheckpointError(f"{source}: unknown scheduler class {name!r} (known: {', '.join(sorted(KNOWN_SCHEDULERS))})")
     if config.get("trained_betas") is not None:
         raise CheckpointError(f"{source}: trained_betas (an explicit beta table) is not supported")
     schedule = config.get("beta_schedule", "linear")
@@ -90,7 +93,7 @@ def scheduler_settings(config: Mapping[str, Any], source: Any = "scheduler confi
         set_alpha_to_one=bool(config.get("set_alpha_to_one", True)),
         rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)),
     )
-    sample = dict(sampler=SCHEDULER_SAMPLERS[name], spacing=spacing,
+    sample = dict(sampler="ddim", spacing=spacing,
                   clip_denoised=bool(config.get("clip_sample", name in ("DDIMScheduler", "DDPMScheduler"))))
     return SchedulerSettings(process, sample)
 
