@@ -136,8 +136,8 @@ def _data_shape_from_files(preset: Optional[DictConfig], overrides: DictConfig) 
     first = named[-1]  # the layer that chose the folder; the layers before it describe other images
     if first > 0:
         data = OmegaConf.select(layers[0], "data", default=None)
-        for key in DATA_SHAPE_KEYS:
-            data.pop(key, None)
+        for key in DATA_SHAPE_KEYS + (("degradation",) if names[first] == "paired-folder" else ()):
+            data.pop(key, None)  # a paired folder's source/ replaces the preset's made-up sources
     given = {key for layer in layers[first:] for key in DATA_SHAPE_KEYS
              if OmegaConf.select(layer, f"data.{key}", default=None) is not None}
     unset = OmegaConf.create({"data": {key: None for key in DATA_SHAPE_KEYS if key not in given}})

@@ -31,9 +31,10 @@ def build_bridge_model(config: ExperimentConfig, num_classes: Optional[int] = No
     """The BridgeModel of a task=bridge config, on the (source, target) pairs of ``data.degradation``."""
     check_num_classes(config, num_classes)
     bridge = config.bridge
-    if config.data.degradation is None:
+    if config.data.degradation is None and config.data.name != "paired-folder":  # its source/ folder: the pairs
         raise ConfigError("data.degradation: task=bridge trains on (source, target) pairs; set "
-                          "data.degradation.kind (super_resolution, inpainting, denoising, deblurring)")
+                          "data.degradation.kind (super_resolution, inpainting, denoising, deblurring) "
+                          "or data.name=paired-folder")
     process = bridge.process
     pixel_loss = None
     if process.pixel_loss_weight > 0:
@@ -49,7 +50,7 @@ def build_bridge_model(config: ExperimentConfig, num_classes: Optional[int] = No
                                   "bridge.lpips_vgg and bridge.lpips_lin (or use l2 / l1)")
         pixel_loss = PixelLoss(process.pixel_loss_type, process.pixel_loss_max_size,
                                process.pixel_loss_window, lpips)
-    paste_key = bridge.paste_key if config.data.degradation.kind == "inpainting" else None
+    paste_key = bridge.paste_key if getattr(config.data.degradation, "kind", None) == "inpainting" else None
     return BridgeModel(process=BridgeMatching(process), source_key=bridge.source_key, paste_key=paste_key,
                        sample_steps=bridge.steps, pixel_loss=pixel_loss,
                        **model_parts(config, autoencoder, sample_dir))
