@@ -5,7 +5,9 @@
 | ``config``      | ``DataConfig``, ``DegradationConfig``, ``StoryConfig``:       |
 |                 | the ``data`` settings and their checks (no torch)            |
 | ``idx``         | ``read_idx`` / ``write_idx`` for (gzip) idx files             |
-| ``folder``      | ``ImageFolderDataset``: PNG/JPG files, optional class folders |
+| ``folder``      | ``ImageFolderDataset``: PNG/JPG files, optional class folders,|
+|                 | captions (metadata.jsonl/csv, name.txt); ``PairedFolderDataset``|
+|                 | (source/, target/, mask/); size and channels read from files  |
 | ``embedded``    | the Fashion-MNIST subset shipped inside the package           |
 | ``datasets``    | ``ArrayImageDataset`` and the ``DATASETS`` registry            |
 | ``degradations``| ``PairedDataset``: (source, target) pairs for image-to-image  |
