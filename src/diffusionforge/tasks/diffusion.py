@@ -24,7 +24,6 @@ from ..models.generative import GenerativeModel, SampleRequest
 from ..processes.registry import build_process  # model.objective: ddpm | edm | flow
 from .base import EvalOptions, Task, validation_items
 from .parts import resolve_from_data
-from .parts import resolve_from_data
 from .parts import (check_class_labels, check_num_classes, export_weights, load_exported, model_parts,
                     prepare_first_stage, run_first_stage, first_stage_network)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +26,6 @@ from ..conditioning.story import StoryConditioner
 from ..conditioning.text import TextConditioner
 from ..config.schema import ExperimentConfig
 from ..data.captions import caption_names
-from ..data.config import FOLDERS
 from ..data.config import FOLDERS
 from ..errors import CheckpointError, ConfigError
 from ..first_stage import IdentityFirstStage
@@ -207,36 +205,6 @@ def check_num_classes(config: ExperimentConfig, num_classes: Optional[int]) -> N
     if class_cfg is not None and num_classes is not None and class_cfg.num_classes != num_classes:
         raise ConfigError(f"model.conditioning.class_label.num_classes is {class_cfg.num_classes} "
                           f"but the dataset '{config.data.name}' has {num_classes} classes")
-
-
-def resolve_from_data(config: ExperimentConfig, datamodule, check_labels: bool = True) -> ExperimentConfig:
-    """The config as the data define it, so that the run's config.yaml records it.
-
-    For one's own images (``data.name=folder`` / ``paired-folder``) the
-    datamodule has read the files and resolved ``data`` (image size, channels,
-    validation split, batch size, class names: ``datamodule.config``); the
-    class conditioner's ``num_classes`` follows the folder's classes, and a
-    folder without class sub-folders trains unconditionally (said in one line).
-    ``check_labels``: then refuse a class-conditional config on unlabelled data.
-    """
-    data = getattr(datamodule, "config", config.data)
-    if data.name in FOLDERS:
-        conditioning = config.model.conditioning
-        class_cfg, num_classes = conditioning.class_label, datamodule.num_classes
-        if class_cfg is not None and num_classes is None:
-            print("model.conditioning.class_label: dropped, the folder has no class sub-folders "
-                  "(an unconditional model)", file=sys.stderr)
-            conditioning = dataclasses.replace(conditioning, class_label=None)
-        elif class_cfg is not None and class_cfg.num_classes != num_classes:
-            print(f"model.conditioning.class_label.num_classes: {num_classes}, the folder's classes "
-                  f"(not {class_cfg.num_classes})", file=sys.stderr)
-            conditioning = dataclasses.replace(
-                conditioning, class_label=dataclasses.replace(class_cfg, num_classes=num_classes))
-        config = dataclasses.replace(config, data=data, model=dataclasses.replace(
-            config.model, conditioning=conditioning))
-    if check_labels:
-        check_class_labels(config, datamodule)
-    return config
 
 
 def resolve_from_data(config: ExperimentConfig, datamodule, check_labels: bool = True) -> ExperimentConfig:
