@@ -1,5 +1,7 @@
 """`dforge sample` inputs: prompts, class names, img2img (SDEdit), inpainting, the whole-request noise draw.
 
+Oracle: an imported tiny StableDiffusionPipeline (`dforge import`, tests/test_import.py) sampled with
+--init-image / --strength / --prompt / --negative-prompt gives StableDiffusionImg2ImgPipeline's images.
 Library level on tiny random models (the ``tiny`` preset's UNet, a tiny
 random CLIP text tower for the text runs), sampler level against diffusers'
 schedulers (img2img's ``get_timesteps`` / ``add_noise`` and the remaining
@@ -356,3 +358,44 @@ def test_img2img_on_edm_and_flow_runs(objective, sampler):
     mask[..., :, :14] = 1
     filled, _ = sample_images(model, 2, request, seed=0, progress=False, init_image=image, mask=mask)
     assert torch.equal(filled[..., 14:], image[..., 14:].expand(2, -1, -1, -1))
+
+
+# ---- oracle: an imported tiny Stable Diffusion against StableDiffusionImg2ImgPipeline ----------------------
+
+from test_import import TOL, sd_pipeline  # noqa: E402,F401  (the tiny pipeline fixture of `dforge import`)
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts:FutureWarning")  # one image, duplicated
+@pytest.mark.parametrize("strength,negative", [(0.6, None), (0.8, "a red shoe"), (1.0, None)])
+def test_img2img_of_an_imported_pipeline_matches_diffusers(sd_pipeline, tmp_path, strength, negative):  # noqa: F811
+    """`dforge sample RUN --init-image X --strength S --prompt P [--negative-prompt N]` of an imported
+    StableDiffusionPipeline gives StableDiffusionImg2ImgPipeline's images (same components, seed, DDIM steps,
+    guidance), decoded pixels within 2/255, two images per request (one posterior draw, then the noise)."""
+    import diffusers
+
+    from diffusionforge.runs import open_run
+    from diffusionforge.tasks.diffusion import DiffusionTask, load_image_inputs
+    from diffusionforge.tasks.imported import import_pipeline
+
+    pipe, src = sd_pipeline
+    img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    path = tmp_path / "init.png"
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(path)
+    prompt, seed, steps, guidance = "a photo", 5, 5, 4.0
+    theirs = img2img(prompt, image=Image.open(path), strength=strength, num_inference_steps=steps,
+                     guidance_scale=guidance, negative_prompt=negative, num_images_per_prompt=2,
+                     generator=torch.Generator().manual_seed(seed), output_type="np").images
+    run = tmp_path / "run"
+    import_pipeline(src, run)
+    run, config = open_run(run)
+    model = DiffusionTask().load(run, config)
+    image, _ = load_image_inputs(config, path)
+    ours, _ = sample_images(model, 2, sample_request(config, steps=steps, guidance=guidance), seed=seed,
+                            progress=False, prompt=prompt, negative_prompt=negative, init_image=image,
+                            strength=strength)
+    ours = ((ours + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert ours.shape == theirs.shape == (2, 16, 16, 3)
+    assert abs(ours - theirs).max() <= TOL
+    assert abs(theirs[0] - theirs[1]).max() > 10 * TOL  # the noise differs per image: not a vacuous match
