@@ -123,6 +123,31 @@ def test_sd_pipeline_import_samples_as_diffusers(sd_pipeline, tmp_path):
     assert abs(theirs[0] - theirs[1]).max() > 10 * TOL  # the noise differs per image: not a vacuous match
 
 
+@pytest.mark.parametrize("change", [
+    {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "set_alpha_to_one": True},
+    {"steps_offset": 0, "clip_sample": True, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+])
+def test_other_scheduler_settings_sample_as_diffusers(sd_pipeline, tmp_path, change):
+    """v-prediction, trailing spacing, set_alpha_to_one and linear betas reach our DDIM as diffusers' DDIM;
+    an outdated steps_offset / clip_sample is fixed up as StableDiffusionPipeline does (offset 1, no clipping)."""
+    pipe, src = sd_pipeline
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "model_index.json"):
+        (variant / part).symlink_to(src / part)
+    scheduler = diffusers.DDIMScheduler(**{**SD_SCHEDULER, **change})
+    scheduler.save_pretrained(variant / "scheduler")
+    import_pipeline(variant, tmp_path / "run")
+    process = open_run(tmp_path / "run")[1].model.process
+    assert process.steps_offset == 1 and process.linear_end == change.get("beta_end", 0.012)
+    other = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler})
+    other.set_progress_bar_config(disable=True)
+    theirs = other("a photo", num_images_per_prompt=2, num_inference_steps=4, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(1), output_type="np").images
+    ours = _ours(tmp_path / "run", {"caption": ["a photo"] * 2}, 2, 1, 4, 3.0)
+    assert abs(ours - theirs).max() <= TOL
+
+
 def test_sd_run_moves_and_converts(sd_pipeline, tmp_path):
     """The text encoder path is relative to the run: a moved run still loads; `dforge convert` takes it."""
     run = tmp_path / "a"

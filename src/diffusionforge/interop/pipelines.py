@@ -127,9 +127,14 @@ def read_model_index(src: Path) -> dict[str, Any]:
     return data
 
 
-def read_scheduler(src: Path) -> SchedulerSettings:
+def read_scheduler(src: Path, stable_diffusion: bool = False) -> SchedulerSettings:
+    """The scheduler of a pipeline folder. ``stable_diffusion``: as ``StableDiffusionPipeline.__init__`` fixes
+    outdated configs, ``steps_offset`` becomes 1 and ``clip_sample`` False."""
     path = src / "scheduler" / SCHEDULER_CONFIG
-    return scheduler_settings(read_json(path), path)
+    config = read_json(path)
+    if stable_diffusion:
+        config = {**config, "steps_offset": 1, "clip_sample": False}
+    return scheduler_settings(config, path)
 
 
 def vae_scaling_factor(vae_dir: Path) -> float:

@@ -173,7 +173,7 @@ def _unused(value: Any, flag: str, why: str) -> None:
 
 
 def _sd_pipeline(src: Path) -> _Plan:
-    settings = pipes.read_scheduler(src)
+    settings = pipes.read_scheduler(src, stable_diffusion=True)
     unet = load_diffusers_unet(src / "unet")
     vae = load_diffusers_vae(src / "vae")
     scale = pipes.vae_scaling_factor(src / "vae")
