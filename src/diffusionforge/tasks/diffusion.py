@@ -13,7 +13,7 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm import tqdm
@@ -24,8 +24,8 @@ from ..models.generative import GenerativeModel, SampleRequest
 from ..processes.registry import build_process  # model.objective: ddpm | edm | flow
 from .base import EvalOptions, Task, validation_items
 from .parts import resolve_from_data
-from .parts import (check_class_labels, check_num_classes, export_weights, load_exported, model_parts,
-                    prepare_first_stage, run_first_stage, first_stage_network)
+from .parts import (check_class_labels, check_num_classes, export_weights, label_conditioning, load_exported,
+                    model_parts, prepare_first_stage, run_first_stage, first_stage_network)
 
 
 def build_diffusion_model(config: ExperimentConfig, num_classes: Optional[int] = None,
@@ -80,17 +80,204 @@ def class_labels(num: int, num_classes: Optional[int], class_label: Optional[int
     return torch.arange(num) % num_classes
 
 
-def sample_images(model: GenerativeModel, num: int, request: SampleRequest, class_label: Optional[int] = None,
-                  seed: int = 0, batch_size: int = 256, progress: bool = True) -> tuple[torch.Tensor, Optional[int]]:
-    """``num`` samples (num, C, H, W) in [-1, 1] in batches from one seeded generator, and the grid's row
-    length (one column per class when the classes are taken in turn)."""
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def class_names(config: ExperimentConfig) -> Optional[tuple[str, ...]]:
+    """The name of each class of the run's labels, where the run knows them (None otherwise).
+
+    Fashion-MNIST (embedded or not): its class names (``T-shirt/top`` ...); MNIST: the digits;
+    a folder: its class sub-folder names, read again from ``data.root`` (the run records the
+    folder, not its names) when the folder is still there.
+    """
+    from ..data.embedded import CLASS_NAMES
+
+    name = config.data.name
+    if name in ("fashion-mnist-embedded", "fashion-mnist"):
+        return CLASS_NAMES
+    if name == "mnist":
+        return tuple(str(digit) for digit in range(10))
+    if name == "folder" and config.data.root is not None and Path(config.data.root).is_dir():
+        folders = sorted(p.name for p in Path(config.data.root).iterdir() if p.is_dir() and not p.name.startswith("."))
+        return tuple(folders) or None
+    return None
+
+
+def class_aliases(config: ExperimentConfig, names: tuple[str, ...]) -> dict[str, int]:
+    """Lower-cased names -> label: the class names, their caption names with and without the article,
+    and the digit words of MNIST."""
+    from ..data.captions import FAMILY, caption_names
+
+    aliases: dict[str, int] = {}
+    spellings = [names]
+    if config.data.name in FAMILY:
+        captions = caption_names(config.data.name)
+        spellings += [captions, tuple(c.split(" ", 1)[1] if " " in c else c for c in captions)]
+    if config.data.name == "mnist":
+        spellings.append(DIGITS)
+    for table in spellings:
+        for label, alias in enumerate(table):
+            aliases.setdefault(alias.lower(), label)
+    return aliases
+
+
+def resolve_class(config: ExperimentConfig, value) -> Optional[int]:
+    """``--class``: an integer label, or a class name of the run (case-insensitive); None stays None."""
+    if value is None or isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    labels = label_conditioning(config)
+    num_classes = None if labels is None else labels.num_classes
+    if num_classes is None:
+        raise ConfigError("--class given but the model is not class-conditional")
+    names = class_names(config)
+    if names is None or len(names) != num_classes:
+        raise ConfigError(f"--class {text!r}: this run does not record its class names; "
+                          f"give a label 0..{num_classes - 1}")
+    label = class_aliases(config, names).get(text.lower())
+    if label is None:
+        raise ConfigError(f"--class {text!r}: unknown class; the run's classes: {', '.join(names)}")
+    return label
+
+
+def text_key(model: GenerativeModel) -> Optional[str]:
+    """The batch key of the model's text conditioner (None: not text-conditioned)."""
+    from ..conditioning.text import TextConditioner
+
+    texts = [c for c in model.net["conditioner"].conditioners if isinstance(c, TextConditioner)]
+    return texts[0].input_key if texts else None
+
+
+def conditioning_batches(model: GenerativeModel, num: int, class_label: Optional[int] = None,
+                         prompt: Optional[str] = None, negative_prompt: Optional[str] = None
+                         ) -> tuple[Optional[torch.Tensor], Callable[[int, int], tuple[dict, Optional[dict]]]]:
+    """The labels of the ``num`` samples and ``batch_of(start, n)`` -> (batch, negative) for samples
+    ``start .. start + n``: class labels as ``class_labels``, the caption ``prompt`` for every sample of a
+    text-conditioned run (instead of captions made from class names), ``negative_prompt`` for the
+    unconditional branch of guidance."""
+    key = text_key(model)
+    if (prompt is not None or negative_prompt is not None) and key is None:
+        raise ConfigError("--prompt / --negative-prompt: this run is not text-conditioned "
+                          "(no model.conditioning.text)")
+    if negative_prompt is not None and prompt is None:
+        raise ConfigError("--negative-prompt needs --prompt")
     labels = class_labels(num, model.num_classes, class_label)
+    templated = model.labels is not None and model.labels.caption_template is not None
+    if key is not None and prompt is None and not templated:
+        raise ConfigError("this run is text-conditioned without captions made from class names: "
+                          "give --prompt \"...\"")
+    uses_labels = model.labels is not None and model.labels.class_key is not None
+    if prompt is not None and not uses_labels:
+        if class_label is not None:
+            raise ConfigError("--class and --prompt: this run's classes are captions; give one of them")
+        labels = None  # the prompt alone conditions the run
+
+    def batch_of(start: int, n: int) -> tuple[dict, Optional[dict]]:
+        batch = {} if labels is None else model.label_batch(labels[start:start + n])
+        if prompt is None:
+            return batch, None
+        batch[key] = [prompt] * n
+        return batch, (None if negative_prompt is None else {key: [negative_prompt] * n})
+
+    return labels, batch_of
+
+
+def load_image(path, channels: int, size: tuple[int, int], what: str, mode: Optional[str] = None) -> torch.Tensor:
+    """The PNG/JPEG at ``path`` as (1, C, H, W) in [-1, 1]; ConfigError naming the file when it cannot be read
+    or its size / channels do not fit the run (``mode``: convert to "L" first, for masks)."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: file not found") from None
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConfigError(f"{what} {path}: cannot read the image ({err.__class__.__name__})") from None
+    if (image.height, image.width) != size:
+        raise ConfigError(f"{what} {path}: {image.width}x{image.height} pixels, the run samples "
+                          f"{size[1]}x{size[0]}")
+    if mode is not None:
+        image = image.convert(mode)
+    else:
+        bands = {"L": 1, "LA": 1, "I;16": 1, "RGB": 3, "RGBA": 3}.get(image.mode)
+        if bands != channels:
+            raise ConfigError(f"{what} {path}: mode {image.mode} ({bands or '?'} channels), the run samples "
+                              f"{channels} channel{'s' if channels > 1 else ''} "
+                              f"({'grey' if channels == 1 else 'RGB'})")
+        image = image.convert("L" if channels == 1 else "RGB")
+    pixels = np.asarray(image, dtype=np.float32).reshape(size[0], size[1], -1)
+    return torch.from_numpy(pixels.copy()).permute(2, 0, 1).unsqueeze(0) / 127.5 - 1.0
+
+
+def check_strength(strength: Optional[float], init_image) -> None:
+    """``--strength`` is a number in [0, 1] and comes with ``--init-image``."""
+    if strength is not None and init_image is None:
+        raise ConfigError("--strength needs --init-image")
+    if strength is not None and not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+        raise ConfigError(f"--strength: must be a number in [0, 1], got {strength}")
+
+
+def load_image_inputs(config: ExperimentConfig, init_image=None, mask=None, strength: Optional[float] = None
+                      ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """``--init-image`` (1, C, H, W) and ``--mask`` (1, 1, H, W) in {0, 1} (1 = white = repaint) of the run's
+    image size; ConfigError (one line naming the file) on a misfit."""
+    check_strength(strength, init_image)
+    if mask is not None and init_image is None:
+        raise ConfigError("--mask needs --init-image (the image whose black region is kept)")
+    if init_image is None:
+        return None, None
+    size = (config.data.image_size, config.data.image_size)
+    image = load_image(init_image, config.data.channels, size, "--init-image")
+    if mask is None:
+        return image, None
+    grey = load_image(mask, 1, size, "--mask", mode="L")
+    return image, (grey > 0).float()  # any non-black pixel is repainted
+
+
+def sample_images(model: GenerativeModel, num: int, request: SampleRequest, class_label: Optional[int] = None,
+                  seed: int = 0, batch_size: int = 256, progress: bool = True, *, prompt: Optional[str] = None,
+                  negative_prompt: Optional[str] = None, init_image: Optional[torch.Tensor] = None,
+                  strength: Optional[float] = None, mask: Optional[torch.Tensor] = None
+                  ) -> tuple[torch.Tensor, Optional[int]]:
+    """``num`` samples (num, C, H, W) in [-1, 1] and the grid's row length (one column per class when the
+    classes are taken in turn).
+
+    The noise is drawn as diffusers' pipelines draw it on the CPU: one
+    ``torch.randn((num, C, h, w), generator=torch.Generator().manual_seed(seed))`` for the whole request,
+    then split into batches of ``batch_size`` (which therefore does not change the images); samplers
+    that draw more noise go on drawing from the same generator. ``prompt`` / ``negative_prompt``:
+    captions of a text-conditioned run (``conditioning_batches``). ``init_image`` (1, C, H, W) in
+    [-1, 1]: image-to-image at ``strength`` (default 0.8; with ``mask`` 1.0), the image encoded (its
+    posterior sample drawn before the noise, as diffusers' img2img does) and noised to the sampler's step
+    ``strength_start(steps, strength)``; ``mask`` (1, 1, H, W), 1 = repaint: inpainting
+    (``GenerativeModel.img2img``).
+    """
+    check_strength(strength, init_image)
+    if mask is not None and init_image is None:
+        raise ConfigError("--mask needs --init-image (the image whose black region is kept)")
+    labels, batch_of = conditioning_batches(model, num, class_label, prompt, negative_prompt)
+    if negative_prompt is not None and request.guidance == 1.0:
+        raise ConfigError("--negative-prompt acts through classifier-free guidance: give --guidance other than 1")
     generator = torch.Generator().manual_seed(seed)
+    z_init = None
+    if init_image is not None:
+        strength = (1.0 if mask is not None else 0.8) if strength is None else strength
+        z_init = model.encode_images(init_image, generator)
+    noise = torch.randn((num, *model.latent_shape), generator=generator)  # diffusers: one draw, on the CPU
     chunks = []
     for start in tqdm(range(0, num, batch_size), desc="sampling", file=sys.stderr, disable=not progress):
         n = min(batch_size, num - start)
-        batch = {} if labels is None else model.label_batch(labels[start:start + n])
-        chunks.append(model.sample(batch, n, request, generator=generator))
+        batch, negative = batch_of(start, n)
+        if init_image is None:
+            chunks.append(model.sample(batch, n, request, generator=generator, noise=noise[start:start + n],
+                                       negative=negative))
+        else:
+            chunks.append(model.img2img(batch, init_image, request, strength, generator=generator, mask=mask,
+                                        noise=noise[start:start + n], z_init=z_init, negative=negative))
     nrow = model.num_classes if labels is not None and class_label is None else None
     return torch.cat(chunks), nrow
 
