@@ -251,11 +251,15 @@ def test_truncated_file_errors_or_is_skipped_with_a_count(tmp_path, capsys):
     whole = (root / "banana" / "1.png").read_bytes()
     (root / "banana" / "1.png").write_bytes(whole[: len(whole) // 2])
     (root / "cherry" / "0.png").write_bytes(b"not an image at all")
+    write(root / "cherry" / "cut.jpg", (40, 40), fmt="JPEG")
+    whole = (root / "cherry" / "cut.jpg").read_bytes()
+    (root / "cherry" / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # passes verify(), fails to decode
     with pytest.raises(DataError, match=r"banana/1\.png: cannot decode image"):
         folder_module(root)
     config, module = folder_module(root, ["data.skip_bad_files=true"])
     assert len(module.source("train")) == 7 and config.data.class_names == ["apple", "banana", "cherry"]
-    assert "skipped 2 bad file(s)" in capsys.readouterr().err
+    assert "skipped 3 bad file(s)" in capsys.readouterr().err
+    assert all(module.source("train")[i]["image"].shape == (3, 32, 32) for i in range(7))
 
 
 def test_missing_folder_and_missing_root(tmp_path):

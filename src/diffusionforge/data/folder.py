@@ -34,8 +34,9 @@ random square, ``stretch`` = the whole image resized), then scaled to
 Every file is opened when the dataset is made (PIL's ``verify``: the header,
 and for PNG and WebP the whole file), so a file that is not an image, or a
 truncated PNG, is refused before training starts with a one-line error
-naming it; ``skip_bad_files=True`` leaves such files (and unmatched pairs,
-uncaptioned images) out and counts them in ``skipped``.
+naming it (a JPEG cut short fails when it is loaded, also one line);
+``skip_bad_files=True`` decodes every file once and leaves the bad ones (and
+unmatched pairs, uncaptioned images) out, counted in ``skipped``.
 ``inspect_folder`` reads the image size, channels and validation split a
 folder implies (``datamodule.ImageDataModule`` resolves ``data.image_size``,
 ``data.channels`` and ``data.val_size`` left unset with it).
@@ -128,12 +129,18 @@ def check_header(path: Path) -> None:
     read_header(path)
 
 
-def read_header(path: Path) -> tuple[tuple[int, int], str]:
-    """((width, height), PIL mode) of ``path`` after PIL's ``verify``; DataError naming the file."""
+def read_header(path: Path, decode: bool = False) -> tuple[tuple[int, int], str]:
+    """((width, height), PIL mode) of ``path`` after PIL's ``verify``; DataError naming the file.
+
+    ``decode``: also decode the pixels (a JPEG cut short passes ``verify`` but not this).
+    """
     try:
         with Image.open(path) as image:
             size, mode = image.size, image.mode
             image.verify()  # PNG: every chunk's CRC, so a truncated file fails here
+        if decode:
+            with Image.open(path) as image:
+                image.load()
     except _DECODE_ERRORS as err:
         raise DataError(f"{path}: cannot decode image ({err.__class__.__name__})") from None
     return size, mode
@@ -181,7 +188,7 @@ def _headers(files: list[Path], skipped: Skipped, skip: bool) -> dict[Path, tupl
     headers = {}
     for path in files:
         try:
-            headers[path] = read_header(path)
+            headers[path] = read_header(path, decode=skip)  # skipping: a bad file must not stop training later
         except DataError as err:
             if not skip:
                 raise
