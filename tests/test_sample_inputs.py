@@ -198,6 +198,22 @@ def test_class_names_resolve(tiny_model):
     assert resolve_class(mnist, "seven") == resolve_class(mnist, "7") == 7
 
 
+def test_recorded_class_names_resolve(tiny_model, tmp_path):
+    """A folder run's data.class_names (recorded by `dforge train`) and an imported run's class_names.json."""
+    import json
+
+    config, _ = tiny_model
+    names = [f"cat{i}" for i in range(9)] + ["dog"]
+    folder = dataclasses.replace(config, data=dataclasses.replace(config.data, class_names=names))
+    assert resolve_class(folder, "Dog") == 9 and resolve_class(folder, "cat2") == 2
+    with pytest.raises(ConfigError, match="cat0, cat1"):
+        resolve_class(folder, "unicorn")
+    table = [f"class {i}, synonym {i}" for i in range(10)]
+    (tmp_path / "class_names.json").write_text(json.dumps(table))
+    assert resolve_class(config, "class 4, synonym 4", tmp_path) == 4
+    assert resolve_class(config, "synonym 6", tmp_path) == resolve_class(config, "CLASS 6", tmp_path) == 6
+
+
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     from test_text_conditioner import _tiny_clip

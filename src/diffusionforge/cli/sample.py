@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     run_dir, config = open_run(args.run_dir)  # every input is checked before the model is built
     task = command_task(config, "sample", run_dir)
     request = request_of(args, config)
-    class_label = resolve_class(config, args.class_label)
+    class_label = resolve_class(config, args.class_label, run_dir)
     init_image, mask = load_image_inputs(config, args.init_image, args.mask, args.strength)
     model = task.load(run_dir, config, use_ema=not args.raw)
     images, nrow = sample_images(model, args.num, request, class_label, args.seed, args.batch_size,

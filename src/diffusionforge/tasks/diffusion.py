@@ -80,18 +80,32 @@ def class_labels(num: int, num_classes: Optional[int], class_label: Optional[int
     return torch.arange(num) % num_classes
 
 
+MAX_LISTED = 30  # class names an unknown --class lists
 DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
-def class_names(config: ExperimentConfig) -> Optional[tuple[str, ...]]:
+def class_names(config: ExperimentConfig, run_dir: Optional[Path] = None) -> Optional[tuple[str, ...]]:
     """The name of each class of the run's labels, where the run knows them (None otherwise).
 
-    Fashion-MNIST (embedded or not): its class names (``T-shirt/top`` ...); MNIST: the digits;
-    a folder: its class sub-folder names, read again from ``data.root`` (the run records the
-    folder, not its names) when the folder is still there.
+    Recorded names first: ``data.class_names`` (a folder's class sub-folders, written by `dforge train`),
+    then the run's ``class_names.json`` (an imported DiT's ``id2label``); else Fashion-MNIST's class names
+    (``T-shirt/top`` ...), MNIST's digits, or the class sub-folders of a folder run's ``data.root`` when
+    it is still there (runs trained before the names were recorded).
     """
-    from ..data.embedded import CLASS_NAMES
+    import json
 
+    from ..data.embedded import CLASS_NAMES
+    from ..runs import CLASS_NAMES_FILE
+
+    recorded = getattr(config.data, "class_names", None)
+    if recorded:
+        return tuple(recorded)
+    if run_dir is not None and (Path(run_dir) / CLASS_NAMES_FILE).is_file():
+        try:
+            names = json.loads((Path(run_dir) / CLASS_NAMES_FILE).read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{Path(run_dir) / CLASS_NAMES_FILE}: cannot read the class names ({err})") from None
+        return tuple(str(name) for name in names)
     name = config.data.name
     if name in ("fashion-mnist-embedded", "fashion-mnist"):
         return CLASS_NAMES
@@ -118,11 +132,16 @@ def class_aliases(config: ExperimentConfig, names: tuple[str, ...]) -> dict[str,
     for table in spellings:
         for label, alias in enumerate(table):
             aliases.setdefault(alias.lower(), label)
+    for label, name in enumerate(names):  # ImageNet's id2label: "tench, Tinca tinca" -> "tench", "tinca tinca"
+        for synonym in name.split(","):
+            if synonym.strip():
+                aliases.setdefault(synonym.strip().lower(), label)
     return aliases
 
 
-def resolve_class(config: ExperimentConfig, value) -> Optional[int]:
-    """``--class``: an integer label, or a class name of the run (case-insensitive); None stays None."""
+def resolve_class(config: ExperimentConfig, value, run_dir: Optional[Path] = None) -> Optional[int]:
+    """``--class``: an integer label, or a class name of the run (case-insensitive; ``class_names``);
+    None stays None."""
     if value is None or isinstance(value, int):
         return value
     text = str(value).strip()
@@ -132,13 +151,14 @@ def resolve_class(config: ExperimentConfig, value) -> Optional[int]:
     num_classes = None if labels is None else labels.num_classes
     if num_classes is None:
         raise ConfigError("--class given but the model is not class-conditional")
-    names = class_names(config)
+    names = class_names(config, run_dir)
     if names is None or len(names) != num_classes:
         raise ConfigError(f"--class {text!r}: this run does not record its class names; "
                           f"give a label 0..{num_classes - 1}")
     label = class_aliases(config, names).get(text.lower())
     if label is None:
-        raise ConfigError(f"--class {text!r}: unknown class; the run's classes: {', '.join(names)}")
+        shown = ", ".join(names[:MAX_LISTED]) + (f", ... ({len(names)} in all)" if len(names) > MAX_LISTED else "")
+        raise ConfigError(f"--class {text!r}: unknown class; the run's classes: {shown}")
     return label
 
 
