@@ -162,7 +162,9 @@ def test_sd_run_moves_and_converts(sd_pipeline, tmp_path):
 def test_dit_pipeline_import_samples_as_diffusers(dit_pipeline, tmp_path):
     pipe, src = dit_pipeline
     run = tmp_path / "dit-run"
-    assert main(["import", str(src), "--out", str(run)]) == 0
+    assert main(["import", str(src), "sample.steps=7", f"data.root={tmp_path}", "--out", str(run)]) == 0
+    _, config = open_run(run)
+    assert config.sample.steps == 7 and config.data.root == str(tmp_path) and config.data.image_size == 16
     names = json.loads((run / CLASS_NAMES_FILE).read_text())
     assert len(names) == 1000 and names[7] == "class 7"
     labels, seed, steps, guidance = [7, 123], 5, 4, 4.0
@@ -243,6 +245,8 @@ def test_bad_inputs_are_one_line_errors(sd_pipeline, tmp_path, capsys):
     assert "missing subfolder scheduler/" in err and len(err.splitlines()) == 1
     assert main(["import", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) != 0
     assert "no such file" in capsys.readouterr().err
+    assert main(["import", str(src), "sample.bogus=1", "--out", str(tmp_path / "r")]) != 0
+    assert "sample.bogus" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
 

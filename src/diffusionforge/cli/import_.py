@@ -20,7 +20,8 @@ EXAMPLE = """examples:
   dforge import DiT-XL-2-256 --out runs/dit-xl-2                      # diffusers DiTPipeline folder
   dforge import DiT-XL-2-256x256.pt --vae sd-vae-ft-ema --out runs/dit-xl-2  # official DiT + a diffusers VAE
   dforge import v1-5-pruned-emaonly.ckpt --text-encoder stable-diffusion-v1-5 --out runs/sd15  # CompVis file
-  dforge evaluate runs/dit-xl-2 --num 1000
+  dforge import DiT-XL-2-256 data.root=imagenet-val sample.steps=25 --out runs/dit-xl-2  # overrides after SRC
+  dforge evaluate runs/dit-xl-2 --num 1000 --features inception
   dforge convert runs/sd15 --kind unet --to diffusers --out sd15-unet"""
 
 DESCRIPTION = """Import a pretrained pipeline as a normal run directory that `dforge sample`,
@@ -38,6 +39,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("import", help="import a Stable Diffusion / DiT pipeline or checkpoint as a run directory",
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="diffusers pipeline folder, official DiT .pt, or CompVis SD .ckpt/.safetensors")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="settings of the run's config on top of SRC's, right after SRC, e.g. data.root=DIR "
+                        "(evaluate's reference images)")
     p.add_argument("--out", metavar="RUN_DIR", required=True, help="the run directory to write (must not exist or be empty)")
     p.add_argument("--vae", metavar="DIR", default=None, help="diffusers AutoencoderKL folder (official DiT checkpoints)")
     p.add_argument("--text-encoder", metavar="DIR", default=None,
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = import_pipeline(src, out, vae=None if args.vae is None else Path(args.vae),
                              text_encoder=None if args.text_encoder is None else Path(args.text_encoder),
-                             num_heads=args.num_heads)
+                             num_heads=args.num_heads, overrides=args.overrides)
     parts = ", ".join(f"{name} {count:,}" for name, count in result.parameters.items())
     print(f"wrote {out}: a run from the {result.layout} {src} ({parts} parameters)")
     return 0

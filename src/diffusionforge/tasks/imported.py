@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -63,16 +63,20 @@ class _Plan(NamedTuple):
 
 
 def import_pipeline(src: Path, out: Path, *, vae: Optional[Path] = None, text_encoder: Optional[Path] = None,
-                    num_heads: Optional[int] = None) -> Imported:
+                    num_heads: Optional[int] = None, overrides: Sequence[str] = ()) -> Imported:
     """Write the run directory ``out`` from the pipeline / checkpoint ``src`` (module docstring).
 
     ``num_heads``: the attention heads of an official DiT checkpoint of no published size
-    (the published sizes are known by depth and width).
+    (the published sizes are known by depth and width). ``overrides``: ``key=value`` settings of
+    the run's config on top of what SRC says (e.g. ``data.root=DIR``, the reference images of
+    `dforge evaluate`; ``sample.steps=25``).
     """
     src, out = Path(src), Path(out)
     if not src.exists():
         raise CheckpointError(f"{src}: no such file or directory")
     plan = _plan(src, vae, text_encoder, num_heads)
+    if overrides:
+        plan = plan._replace(config=_overridden(plan.config, overrides))
     counts: dict[str, int] = {}
 
     def write(folder: Path) -> None:
@@ -120,6 +124,18 @@ def _build(config: ExperimentConfig, plan: _Plan, counts: dict[str, int]):
         if encoder is not None:
             counts["text_encoder"] = sum(p.numel() for p in encoder.parameters())
     return model.eval()
+
+
+def _overridden(config: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """``config`` with ``key=value`` overrides, checked as `dforge train` checks them."""
+    import tempfile
+
+    from ..config.loader import load_config
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / CONFIG_FILE
+        path.write_text(config_to_yaml(config))
+        return load_config(str(path), overrides)
 
 
 def _with_text_path(config: ExperimentConfig, path: str) -> ExperimentConfig:
