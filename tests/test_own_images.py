@@ -278,3 +278,17 @@ def test_bridge_trains_on_a_paired_folder(tmp_path):
     recorded = yaml.safe_load((run / "config.yaml").read_text())["data"]
     assert recorded["name"] == "paired-folder" and recorded["degradation"] is None
     assert (recorded["image_size"], recorded["channels"], recorded["val_size"]) == (16, 3, 1)
+
+
+def test_text_conditioning_needs_a_captioned_folder(tmp_path):
+    text = ["model.conditioning.class_label=null", "model.conditioning.text.encoder=clip"]
+    for i in range(4):
+        write(tmp_path / "plain" / f"{i}.png", seed=i)
+    with pytest.raises(ConfigError, match="model.conditioning.text: the folder has no captions"):
+        folder_module(tmp_path / "plain", text, preset="tiny")
+    for i in range(4):
+        (tmp_path / "plain" / f"{i}.txt").write_text(f"picture {i}")
+    config, module = folder_module(tmp_path / "plain", text, preset="tiny")
+    assert module.has_captions and config.model.conditioning.text is not None
+    with pytest.raises(ConfigError, match="input_key: a folder's captions arrive as 'caption'"):
+        folder_module(tmp_path / "plain", [*text, "model.conditioning.text.input_key=prompt"], preset="tiny")

@@ -172,6 +172,11 @@ class ImageDataModule(L.LightningDataModule):
         print(self.data_note, file=sys.stderr)
 
     @property
+    def has_captions(self) -> bool:
+        """Whether a folder's files carry captions (metadata.jsonl / .csv, name.txt): item["caption"]."""
+        return getattr(self._source.get("train"), "captions", None) is not None
+
+    @property
     def class_names(self) -> Optional[list[str]]:
         """The class names of a folder run (its class sub-folders), None otherwise."""
         return self.config.class_names

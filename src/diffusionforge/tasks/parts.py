@@ -232,6 +232,14 @@ def resolve_from_data(config: ExperimentConfig, datamodule, check_labels: bool =
                 conditioning, class_label=dataclasses.replace(class_cfg, num_classes=num_classes))
         config = dataclasses.replace(config, data=data, model=dataclasses.replace(
             config.model, conditioning=conditioning))
+        text_cfg = conditioning.text
+        if text_cfg is not None and data.caption_template is None and not datamodule.has_captions:
+            raise ConfigError("model.conditioning.text: the folder has no captions (metadata.jsonl / metadata.csv "
+                              "with file_name and text, or name.txt beside name.png); add them or set "
+                              "data.caption_template (e.g. 'a photo of {}', with class folders)")
+        if text_cfg is not None and datamodule.has_captions and text_cfg.input_key != "caption":
+            raise ConfigError(f"model.conditioning.text.input_key: a folder's captions arrive as 'caption', "
+                              f"not {text_cfg.input_key!r}")
     if check_labels:
         check_class_labels(config, datamodule)
     return config
