@@ -287,3 +287,17 @@ def test_compvis_text_weights_map_onto_clip(sd_pipeline):
     del state[COMPVIS_TEXT_PREFIX + "text_model.final_layer_norm.weight"]
     with pytest.raises(CheckpointError, match="missing text encoder key .*final_layer_norm.weight"):
         load_compvis_text(transformers.CLIPTextModel(pipe.text_encoder.config), compvis_text_state(state), "sd.ckpt")
+
+
+def test_mismatched_sizes_are_named(sd_pipeline, tmp_path):
+    _, src = sd_pipeline
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler", "model_index.json"):
+        (variant / part).symlink_to(src / part)
+    diffusers.AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=[32], norm_num_groups=16,
+                            latent_channels=8).save_pretrained(variant / "vae")
+    with pytest.raises(CheckpointError, match="mismatched sizes: the UNet's in_channels is 4 but the VAE's "
+                                              "latent_channels is 8"):
+        import_pipeline(variant, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
