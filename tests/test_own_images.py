@@ -292,3 +292,15 @@ def test_text_conditioning_needs_a_captioned_folder(tmp_path):
     assert module.has_captions and config.model.conditioning.text is not None
     with pytest.raises(ConfigError, match="input_key: a folder's captions arrive as 'caption'"):
         folder_module(tmp_path / "plain", [*text, "model.conditioning.text.input_key=prompt"], preset="tiny")
+
+
+def test_translate_a_paired_folder_run(tmp_path, capsys):
+    root = paired_folder(tmp_path / "pairs", count=8, mask=False, size=(16, 16))
+    run = tmp_path / "run"
+    assert main(["train", "photo-lbm-denoise", "data.name=paired-folder", f"data.root={root}", "trainer.max_steps=1",
+                 "trainer.max_time=null", "optim.warmup_steps=0", f"run_dir={run}", "--no-progress"]) == 0
+    assert main(["translate", str(run), str(root / "source" / "00.png"), "--out", str(tmp_path / "t.png")]) == 0
+    assert Image.open(tmp_path / "t.png").size[1] == 16
+    write(tmp_path / "big.png", (20, 16))
+    assert main(["translate", str(run), str(tmp_path / "big.png"), "--out", str(tmp_path / "u.png")]) == 2
+    assert "big.png: is 20x16; this run translates 16x16 images" in capsys.readouterr().err

@@ -70,6 +70,12 @@ def source_batch(config: ExperimentConfig, input_path: str, mask_path: Optional[
     size = data.image_size
     image = load_image(input_path, data.channels)
     height, width = image.shape[-2:]
+    if degradation is None:  # a paired-folder run (data.name=paired-folder): the input is a source as is
+        if mask_path is not None:
+            raise ConfigError("--mask: not supported for a paired-folder run (its masks came from mask/)")
+        if (height, width) != (size, size):
+            raise DataError(f"{input_path}: is {width}x{height}; this run translates {size}x{size} images")
+        return {config.bridge.source_key: image}
     if (height, width) != (size, size):
         scale = degradation.scale if degradation.kind == "super_resolution" else None
         if scale is not None and (height * scale, width * scale) == (size, size):
