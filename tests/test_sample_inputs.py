@@ -415,3 +415,51 @@ def test_img2img_of_an_imported_pipeline_matches_diffusers(sd_pipeline, tmp_path
     assert ours.shape == theirs.shape == (2, 16, 16, 3)
     assert abs(ours - theirs).max() <= TOL
     assert abs(theirs[0] - theirs[1]).max() > 10 * TOL  # the noise differs per image: not a vacuous match
+
+
+@pytest.mark.filterwarnings("ignore:You have passed 2 text prompts:FutureWarning")
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_of_an_imported_pipeline_matches_diffusers(sd_pipeline, tmp_path, strength):  # noqa: F811
+    """`--init-image X --mask M` of an imported SD: StableDiffusionInpaintPipeline with its 4-channel UNet (the
+    legacy inpainting: mask binarised and resized nearest to the latent grid, the kept latents noised with the
+    request's noise after each step, pure noise at strength 1) within 2/255, without the pixel paste; with it
+    (the default) the kept pixels are the image's."""
+    import diffusers
+
+    from diffusionforge.runs import open_run
+    from diffusionforge.tasks.diffusion import DiffusionTask, load_image_inputs
+    from diffusionforge.tasks.imported import import_pipeline
+
+    pipe, src = sd_pipeline
+    inpaint = diffusers.StableDiffusionInpaintPipeline(**pipe.components)
+    inpaint.set_progress_bar_config(disable=True)
+    image_path, mask_path = tmp_path / "init.png", tmp_path / "mask.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8), "RGB").save(image_path)
+    hole = np.zeros((16, 16), dtype=np.uint8)
+    hole[3:11, 5:13] = 255
+    Image.fromarray(hole, "L").save(mask_path)
+    prompt, seed, steps, guidance = "a photo", 4, 5, 4.0
+    theirs = inpaint(prompt, image=Image.open(image_path), mask_image=Image.open(mask_path), strength=strength,
+                     num_inference_steps=steps, guidance_scale=guidance, num_images_per_prompt=2,
+                     height=16, width=16, generator=torch.Generator().manual_seed(seed), output_type="np").images
+    run = tmp_path / "run"
+    import_pipeline(src, run)
+    run, config = open_run(run)
+    model = DiffusionTask().load(run, config)
+    image, mask = load_image_inputs(config, image_path, mask_path)
+    request = sample_request(config, steps=steps, guidance=guidance)
+    generator = torch.Generator().manual_seed(seed)
+    z = model.encode_images(image, generator)
+    noise = torch.randn((2, *model.latent_shape), generator=generator)
+    raw = model.img2img({"caption": [prompt] * 2}, image, request, strength, mask=mask, noise=noise, z_init=z,
+                        paste=False)
+    raw = ((raw + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert raw.shape == theirs.shape == (2, 16, 16, 3)
+    assert abs(raw - theirs).max() <= TOL
+    assert abs(theirs[0] - theirs[1]).max() > 10 * TOL
+    pasted, _ = sample_images(model, 2, request, seed=seed, progress=False, prompt=prompt, init_image=image,
+                              strength=strength, mask=mask)
+    keep = torch.from_numpy(hole == 0)
+    assert torch.equal(pasted[:, :, keep], image.expand(2, -1, -1, -1)[:, :, keep])
+    pasted = ((pasted + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert abs(pasted - theirs)[:, hole > 0].max() <= TOL  # the repainted region is diffusers'

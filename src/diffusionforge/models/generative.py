@@ -104,7 +104,8 @@ class GenerativeModel(NetworkModule):
                noise: Optional[Tensor] = None,
                negative: Optional[dict] = None,
                x_init: Optional[Tensor] = None,
-               start: int = 0) -> Tensor:
+               start: int = 0,
+               known_noise: Optional[Tensor] = None) -> Tensor:
         """Generate ``num`` images (num, C, H, W) in [-1, 1].
 
         batch: conditioning inputs keyed like a training batch (e.g.
@@ -116,6 +117,7 @@ class GenerativeModel(NetworkModule):
         prompts}``: diffusers' ``negative_prompt``).
         x_init, start: image-to-image in the diffusion space (``img2img``):
         begin at step ``start`` of the walk from ``x_init`` noised with ``noise``.
+        known_noise: the known region's fixed noise (``samplers.loop``; diffusers' inpainting).
         """
         net = self.sampling_net(request.use_ema)
         was_training = net.training
@@ -138,6 +140,8 @@ class GenerativeModel(NetworkModule):
             options = {name: getattr(request, name) for name in entry.options}
             if x_init is not None or start:  # only then: every other sampler call is unchanged
                 options.update(start=start, x_init=None if x_init is None else x_init.to(x_T))
+            if known_noise is not None:
+                options.update(known_noise=known_noise.to(x_T))
             out = entry.fn(denoise, self.process, x_T, cond, num_steps=request.steps, generator=generator,
                            known_mask=known_mask, x0_known=x0_known, progress=request.progress, **options)
             return self.first_stage.decode(out.sample).clamp(-1, 1)
@@ -160,19 +164,25 @@ class GenerativeModel(NetworkModule):
     def img2img(self, batch: dict, images: Tensor, request: SampleRequest, strength: float = 0.8,
                 generator: Optional[torch.Generator] = None, mask: Optional[Tensor] = None,
                 noise: Optional[Tensor] = None, z_init: Optional[Tensor] = None,
-                negative: Optional[dict] = None) -> Tensor:
+                negative: Optional[dict] = None, paste: bool = True) -> Tensor:
         """SDEdit (Meng et al. 2022) and mask inpainting from ``images`` (1 or B, C, H, W) in [-1, 1].
 
         As diffusers' ``StableDiffusionImg2ImgPipeline``: the images are encoded
         (``encode_images``; ``z_init`` skips that), noised to step ``start =
         strength_start(request.steps, strength)`` of the sampler's walk with
         ``noise`` (drawn from ``generator`` after the posterior sample when not
-        given) and the remaining steps walked. ``strength = 1`` starts from pure
-        noise at the first step; ``0`` takes no step and returns the decoded
-        latents. ``mask`` (1 or B, 1, H, W): 1 = repaint (white), 0 = keep;
-        the kept region goes through the sampler's mask path (a latent is kept
-        only where its whole f x f patch is) and its pixels are pasted back
-        after decoding. Returns (B, C, H, W) in [-1, 1], B = len(noise) or len(images).
+        given) and the remaining steps walked. ``strength = 1`` starts at the
+        first step (still mixing the image in, as diffusers' img2img); ``0``
+        takes no step and returns the decoded latents.
+
+        ``mask`` (1 or B, 1, H, W): 1 = repaint (white), 0 = keep, as diffusers'
+        ``StableDiffusionInpaintPipeline`` with a 4-channel UNet (the legacy
+        inpainting): binarised at 0.5, resized to the latent grid by nearest
+        neighbour, the kept latents noised with the same ``noise`` to the level
+        each step reaches and pasted after it (``known_noise``); at ``strength = 1``
+        the walk starts from pure noise. ``paste``: the kept pixels are then
+        pasted back after decoding (diffusers does not). Returns (B, C, H, W) in
+        [-1, 1], B = len(noise) or len(images).
         """
         start = strength_start(request.steps, strength)
         images = images.to(self.device)
@@ -180,20 +190,20 @@ class GenerativeModel(NetworkModule):
         num = len(noise) if noise is not None else len(images)
         if noise is None:
             noise = torch.randn((num, *self.latent_shape), generator=generator, device=self.device)
+        noise = noise.to(self.device)
         if tuple(z.shape[1:]) != tuple(self.latent_shape):
             raise ValueError(f"the images encode to {tuple(z.shape[1:])}, the model samples {self.latent_shape}")
         z = z.expand(num, *z.shape[1:]) if len(z) == 1 else z
-        known_mask = x0_known = keep = None
-        if mask is not None:
-            keep = 1.0 - mask.to(images.dtype)
-            f = images.shape[-1] // z.shape[-1]
-            known = -F.max_pool2d(-keep, f) if f > 1 else keep  # (B, 1, h, w): 1 where the patch is all kept
-            known_mask, x0_known = known.expand(num, *z.shape[1:]), z
-        out = self.sample(batch, num, request, generator=generator, known_mask=known_mask, x0_known=x0_known,
-                          noise=noise, negative=negative, x_init=z, start=start)
-        if keep is not None:
-            out = keep * images + (1 - keep) * out
-        return out
+        if mask is None:
+            return self.sample(batch, num, request, generator=generator, noise=noise, negative=negative,
+                               x_init=z, start=start)
+        repaint = (mask.to(images.dtype) >= 0.5).to(images.dtype)  # diffusers' mask_processor: binarize
+        repaint_z = F.interpolate(repaint, size=z.shape[-2:])  # nearest, as diffusers' prepare_mask_latents
+        known = (1.0 - repaint_z).expand(num, *z.shape[1:])
+        pure_noise = strength == 1.0  # diffusers' is_strength_max: latents = noise * init_noise_sigma
+        out = self.sample(batch, num, request, generator=generator, known_mask=known, x0_known=z, noise=noise,
+                          negative=negative, x_init=None if pure_noise else z, start=start, known_noise=noise)
+        return repaint * out + (1 - repaint) * images if paste else out
 
     @property
     def objective(self) -> str:

@@ -85,6 +85,7 @@ def sample_ddpm(
     callback: Optional[Callback] = None,
     progress: bool = True,
     return_intermediates: bool = False, start: int = 0, x_init: Optional[Tensor] = None,
+    known_noise: Optional[Tensor] = None,
 ) -> SampleOutput:
     """Ancestral sampling from ``x_T: (B, C, H, W)`` (usually N(0, I)).
 
@@ -105,6 +106,6 @@ def sample_ddpm(
     return sampling_loop(
         step, process, x_T, descending_pairs(timesteps), generator=generator, known_mask=known_mask,
         x0_known=x0_known, callback=callback, progress=progress, return_intermediates=return_intermediates,
-        start=start, x_init=x_init,
+        start=start, x_init=x_init, known_noise=known_noise,
         desc="DDPM",
     )

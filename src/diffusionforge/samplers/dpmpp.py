@@ -88,7 +88,8 @@ def dpmpp_multistep(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = 
                     known_mask: Optional[Tensor] = None, x0_known: Optional[Tensor] = None,
                     callback: Optional[Callback] = None, progress: bool = True,
                     return_intermediates: bool = False,
-                    start: int = 0, x_init: Optional[Tensor] = None) -> SampleOutput:
+                    start: int = 0, x_init: Optional[Tensor] = None,
+                    known_noise: Optional[Tensor] = None) -> SampleOutput:
     """DPM-Solver++(``order``M), ODE or SDE, over ``sigmas``; one denoiser call per step."""
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3, got {order}")
@@ -109,7 +110,7 @@ def dpmpp_multistep(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = 
 
     return sigma_walk(step, x, sigmas, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates,
-                      start=start, x_init=x_init,
+                      start=start, x_init=x_init, known_noise=known_noise,
                       desc=f"DPM-Solver++({order}M{' SDE' if sde else ''})")
 
 

@@ -40,13 +40,14 @@ def sample_flow_euler(denoise: DenoiseFn, process: RectifiedFlow, x_T: Tensor, c
                       generator: Optional[torch.Generator] = None, known_mask: Optional[Tensor] = None,
                       x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None,
                       progress: bool = True, return_intermediates: bool = False, start: int = 0,
-                      x_init: Optional[Tensor] = None) -> SampleOutput:
+                      x_init: Optional[Tensor] = None, known_noise: Optional[Tensor] = None) -> SampleOutput:
     """Walk ``x_T (B, C, H, W) ~ N(0, I)`` to data in ``num_steps`` Euler steps of flow time.
 
     ``denoise(x_t, t * T (B,), cond) -> v (B, C or more, H, W)``; ``shift``
     overrides the process's (``model.flow.shift``). ``callback(i, t_i, x_{i+1}, x0_hat)``.
     ``start`` / ``x_init``: image-to-image as ``loop.walk`` (begin at step ``start`` from
-    ``(1 - t) x_init + t x_T``, diffusers' ``FlowMatchEulerDiscreteScheduler.scale_noise``).
+    ``(1 - t) x_init + t x_T``, diffusers' ``FlowMatchEulerDiscreteScheduler.scale_noise``);
+    ``known_noise``: the known region noised with it after each step (``loop.walk``).
     """
     if (known_mask is None) != (x0_known is None):
         raise ValueError("known_mask and x0_known must be given together")
@@ -60,7 +61,7 @@ def sample_flow_euler(denoise: DenoiseFn, process: RectifiedFlow, x_T: Tensor, c
     intermediates: List[Tensor] = []
     for i in tqdm(range(start, num_steps), desc="flow euler", disable=not progress):
         t, t_next = float(times[i]), float(times[i + 1])
-        if known_mask is not None:  # the known region at level t (LDM p_sample_loop, flow path)
+        if known_mask is not None and known_noise is None:  # the known region at level t (LDM, flow path)
             x = _paste(x, process.interpolate(x0_known, randn(x, generator), torch.full((x.shape[0],), t)),
                        known_mask)
         t_batch = torch.full((x.shape[0],), t, device=x.device)  # (B,)
@@ -72,6 +73,8 @@ def sample_flow_euler(denoise: DenoiseFn, process: RectifiedFlow, x_T: Tensor, c
         x = x + (t_next - t) * v
         if known_mask is not None and i == num_steps - 1:
             x = _paste(x, x0_known, known_mask)
+        elif known_mask is not None and known_noise is not None:  # diffusers: after the step, fixed noise
+            x = _paste(x, process.interpolate(x0_known, known_noise, torch.full((x.shape[0],), t_next)), known_mask)
         if callback is not None:
             callback(i, t, x, x0_hat)
         if return_intermediates:

@@ -42,7 +42,8 @@ def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
           generator: Optional[torch.Generator] = None, known_mask: Optional[Tensor] = None,
           x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None, progress: bool = True,
           return_intermediates: bool = False,
-          start: int = 0, x_init: Optional[Tensor] = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+          start: int = 0, x_init: Optional[Tensor] = None,
+          known_noise: Optional[Tensor] = None, s_churn: float = 0.0, s_tmin: float = 0.0,
           s_tmax: float = math.inf, s_noise: float = 1.0) -> SampleOutput:
     """Euler steps of the ODE, with optional churn (Algorithm 2 of Karras et al. 2022 without its line 9-11)."""
     n = len(sigmas) - 1
@@ -55,7 +56,7 @@ def euler(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
 
     return sigma_walk(step, x, sigmas, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates,
-                      start=start, x_init=x_init,
+                      start=start, x_init=x_init, known_noise=known_noise,
                       desc="Euler")
 
 
@@ -71,7 +72,8 @@ def euler_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = 
                     generator: Optional[torch.Generator] = None, known_mask: Optional[Tensor] = None,
                     x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None,
                     progress: bool = True, return_intermediates: bool = False,
-                    start: int = 0, x_init: Optional[Tensor] = None, s_noise: float = 1.0) -> SampleOutput:
+                    start: int = 0, x_init: Optional[Tensor] = None,
+                    known_noise: Optional[Tensor] = None, s_noise: float = 1.0) -> SampleOutput:
     """Euler step to ``sigma_down``, then fresh noise of std ``sigma_up`` (eta = 1; not after the last step)."""
 
     def step(x: Tensor, i: int, sigma: float, sigma_next: float) -> StepOutput:
@@ -84,7 +86,7 @@ def euler_ancestral(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = 
 
     return sigma_walk(step, x, sigmas, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates,
-                      start=start, x_init=x_init,
+                      start=start, x_init=x_init, known_noise=known_noise,
                       desc="Euler ancestral")
 
 
@@ -92,7 +94,8 @@ def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
          generator: Optional[torch.Generator] = None, known_mask: Optional[Tensor] = None,
          x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None, progress: bool = True,
          return_intermediates: bool = False,
-         start: int = 0, x_init: Optional[Tensor] = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+         start: int = 0, x_init: Optional[Tensor] = None,
+         known_noise: Optional[Tensor] = None, s_churn: float = 0.0, s_tmin: float = 0.0,
          s_tmax: float = math.inf, s_noise: float = 1.0) -> SampleOutput:
     """Karras et al. 2022, Algorithm 2: churn, an Euler step, and the trapezoidal correction unless sigma_next = 0.
 
@@ -112,5 +115,5 @@ def heun(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
 
     return sigma_walk(step, x, sigmas, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates,
-                      start=start, x_init=x_init,
+                      start=start, x_init=x_init, known_noise=known_noise,
                       desc="Heun")

@@ -27,6 +27,11 @@ at ``renoise(x_init, level_k, x)``, ``x`` being the standard normal noise
 (``scheduler.add_noise(init_latents, noise, timesteps[k])``). Steps keep
 their index ``i`` in the full walk. ``start`` = the number of steps returns
 ``x_init`` unchanged (no step left).
+
+``known_noise`` (inpainting as diffusers' ``StableDiffusionInpaintPipeline``
+with a 4-channel UNet): the known region is noised with this fixed tensor
+(the request's noise) and pasted *after* each step at the level the step
+reached, instead of with fresh noise before each step.
 """
 
 from __future__ import annotations
@@ -141,6 +146,7 @@ def walk(
     desc: str = "sampling",
     start: int = 0,
     x_init: Optional[Tensor] = None,
+    known_noise: Optional[Tensor] = None,
 ) -> SampleOutput:
     """Walk ``x: (B, C, H, W)`` through ``step(x, i, level, level_next)`` over the ``(level, level_next)`` pairs.
 
@@ -155,12 +161,14 @@ def walk(
         return SampleOutput(x, [])
     intermediates: List[Tensor] = []
     for i, (level, level_next) in enumerate(tqdm(pairs[start:], desc=desc, disable=not progress), start):
-        if known_mask is not None:  # noise the known region to the step's level (LDM p_sample_loop)
+        if known_mask is not None and known_noise is None:  # the known region at the step's level (LDM)
             x = _paste(x, renoise(x0_known, level, randn(x, generator)), known_mask)
         out = step(x, i, level, level_next)
         x = out.prev_sample
         if known_mask is not None and i == len(pairs) - 1:
             x = _paste(x, x0_known, known_mask)
+        elif known_mask is not None and known_noise is not None:  # diffusers: after the step, fixed noise
+            x = _paste(x, renoise(x0_known, level_next, known_noise), known_mask)
         if callback is not None:
             callback(i, level, x, out.pred_x0)
         if return_intermediates:
@@ -183,6 +191,7 @@ def sampling_loop(
     desc: str = "sampling",
     start: int = 0,
     x_init: Optional[Tensor] = None,
+    known_noise: Optional[Tensor] = None,
 ) -> SampleOutput:
     """Walk ``x: (B, C, H, W)`` through ``step`` over the ``(t, t_next)`` timestep pairs of ``process``."""
 
@@ -191,4 +200,4 @@ def sampling_loop(
 
     return walk(step, x, pairs, renoise, generator=generator, known_mask=known_mask, x0_known=x0_known,
                 callback=callback, progress=progress, return_intermediates=return_intermediates, desc=desc,
-                start=start, x_init=x_init)
+                start=start, x_init=x_init, known_noise=known_noise)

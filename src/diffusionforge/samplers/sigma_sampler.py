@@ -58,7 +58,8 @@ def denoise_at(denoiser: Denoiser, x: Tensor, sigma: float, cond: Optional[Cond]
 def sigma_walk(step: SigmaStep, x: Tensor, sigmas: Tensor, *, generator: Optional[torch.Generator] = None,
                known_mask: Optional[Tensor] = None, x0_known: Optional[Tensor] = None,
                callback: Optional[Callback] = None, progress: bool = True, return_intermediates: bool = False,
-               desc: str = "sampling", start: int = 0, x_init: Optional[Tensor] = None) -> SampleOutput:
+               desc: str = "sampling", start: int = 0, x_init: Optional[Tensor] = None,
+               known_noise: Optional[Tensor] = None) -> SampleOutput:
     """Walk ``x`` through ``step`` over consecutive pairs of ``sigmas: (n + 1,)``."""
     levels = [float(s) for s in sigmas]
     if len(levels) < 2 or levels[-1] != 0 or any(a <= b for a, b in zip(levels, levels[1:])):
@@ -69,7 +70,8 @@ def sigma_walk(step: SigmaStep, x: Tensor, sigmas: Tensor, *, generator: Optiona
 
     return walk(step, x, list(zip(levels[:-1], levels[1:])), renoise, generator=generator,
                 known_mask=known_mask, x0_known=x0_known, callback=callback, progress=progress,
-                return_intermediates=return_intermediates, desc=desc, start=start, x_init=x_init)
+                return_intermediates=return_intermediates, desc=desc, start=start, x_init=x_init,
+                known_noise=known_noise)
 
 
 class Clamped:

@@ -124,7 +124,8 @@ def unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
           generator: Optional[torch.Generator] = None, known_mask: Optional[Tensor] = None,
           x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None, progress: bool = True,
           return_intermediates: bool = False,
-          start: int = 0, x_init: Optional[Tensor] = None, order: int = 2) -> SampleOutput:
+          start: int = 0, x_init: Optional[Tensor] = None,
+          known_noise: Optional[Tensor] = None, order: int = 2) -> SampleOutput:
     """UniPC-``order`` (bh2, x0) from ``x`` at ``sigmas[0]`` down ``sigmas: (n + 1,)`` to 0, n network calls.
 
     The solver signature of ``sigma_sampler.py`` (VE coordinates). Deterministic:
@@ -149,7 +150,7 @@ def unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
 
     return sigma_walk(step, x, sigmas, generator=generator, known_mask=known_mask, x0_known=x0_known,
                       callback=callback, progress=progress, return_intermediates=return_intermediates,
-                      start=start, x_init=x_init,
+                      start=start, x_init=x_init, known_noise=known_noise,
                       desc=f"UniPC-{order}")
 
 
