@@ -1,7 +1,8 @@
 """`dforge sample` inputs: prompts, class names, img2img (SDEdit), inpainting, the whole-request noise draw.
 
 Oracle: an imported tiny StableDiffusionPipeline (`dforge import`, tests/test_import.py) sampled with
---init-image / --strength / --prompt / --negative-prompt gives StableDiffusionImg2ImgPipeline's images.
+--init-image / --strength / --prompt / --negative-prompt gives StableDiffusionImg2ImgPipeline's images,
+with --mask StableDiffusionInpaintPipeline's (4-channel UNet).
 Library level on tiny random models (the ``tiny`` preset's UNet, a tiny
 random CLIP text tower for the text runs), sampler level against diffusers'
 schedulers (img2img's ``get_timesteps`` / ``add_noise`` and the remaining
