@@ -243,7 +243,7 @@ def check_strength(strength: Optional[float], init_image) -> None:
 
 def load_image_inputs(config: ExperimentConfig, init_image=None, mask=None, strength: Optional[float] = None
                       ) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """``--init-image`` (1, C, H, W) and ``--mask`` (1, 1, H, W) in {0, 1} (1 = white = repaint) of the run's
+    """``--init-image`` (1, C, H, W) in [-1, 1] and ``--mask`` (1, 1, H, W) in [0, 1] (white = 1 = repaint) of the run's
     image size; ConfigError (one line naming the file) on a misfit."""
     check_strength(strength, init_image)
     if mask is not None and init_image is None:
@@ -255,7 +255,7 @@ def load_image_inputs(config: ExperimentConfig, init_image=None, mask=None, stre
     if mask is None:
         return image, None
     grey = load_image(mask, 1, size, "--mask", mode="L")
-    return image, (grey > 0).float()  # any non-black pixel is repainted
+    return image, (grey + 1) / 2  # in [0, 1]; GenerativeModel.img2img repaints >= 0.5, as diffusers binarizes
 
 
 def sample_images(model: GenerativeModel, num: int, request: SampleRequest, class_label: Optional[int] = None,
