@@ -304,3 +304,27 @@ def test_translate_a_paired_folder_run(tmp_path, capsys):
     write(tmp_path / "big.png", (20, 16))
     assert main(["translate", str(run), str(tmp_path / "big.png"), "--out", str(tmp_path / "u.png")]) == 2
     assert "big.png: is 20x16; this run translates 16x16 images" in capsys.readouterr().err
+
+
+def test_a_captioned_folder_trains_a_text_model_and_samples_from_a_prompt(tmp_path):
+    """Captions from the folder condition the model; its grids show a row per validation caption."""
+    pytest.importorskip("transformers")
+    root = tmp_path / "captioned"
+    for i in range(6):
+        write(root / f"{i}.png", (24, 24), seed=i)
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": f"{i}.png", "text": f"a photo of thing {i}"})
+                                                    for i in range(6)))
+    run = tmp_path / "run"
+    text = ["model.conditioning.class_label=null", "model.conditioning.text.encoder=minilm",
+            "model.conditioning.text.max_length=8", "model.unet.attention_resolutions=[2]"]
+    code = main(["train", "tiny", "data.name=folder", f"data.root={root}", *text, *QUICK,
+                 "sample.per_class=2", f"run_dir={run}", "--no-progress"])
+    assert code == 0
+    recorded = yaml.safe_load((run / "config.yaml").read_text())
+    assert recorded["model"]["conditioning"]["class_label"] is None and recorded["data"]["channels"] == 3
+    grid = Image.open(run / "samples" / "final.png")  # one row of 2 per validation caption (val_size 1)
+    assert grid.mode == "RGB" and grid.size[0] < 3 * grid.size[1] + 10
+    out = tmp_path / "prompt.png"
+    assert main(["sample", str(run), "--prompt", "a photo of thing 1", "--num", "2", "--steps", "2",
+                 "--out", str(out)]) == 0
+    assert Image.open(out).mode == "RGB"

@@ -258,10 +258,17 @@ class GenerativeModel(NetworkModule):
                             keep_keys=tuple(negative)))
 
     def grid_batch(self, per_class: int) -> tuple[dict, int, int]:
-        """Conditioning for a grid: one row per class (or 8x8 unconditional)."""
+        """Conditioning for a grid: one row per class, else one row per validation item's conditioning inputs
+        (its caption, ...) when the model has a grid source, else 8x8 unconditional."""
         if self.num_classes:
             labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(per_class)
             return self.label_batch(labels), len(labels), per_class
+        keys = self.net["conditioner"].input_keys if len(self.net["conditioner"]) else []
+        if keys and self.grid_source is not None:  # e.g. a captioned folder: a row per validation item's inputs
+            items = self.grid_items(per_class)
+            batch = {key: [item[key] for item in items for _ in range(per_class)] for key in keys}
+            batch = {key: torch.stack(v) if torch.is_tensor(v[0]) else v for key, v in batch.items()}
+            return batch, len(items) * per_class, per_class
         return {}, per_class * per_class, per_class
 
     def grid_request(self) -> SampleRequest:

@@ -44,7 +44,7 @@ def build_conditioner(config: ExperimentConfig, shape: tuple[int, int, int]) -> 
         conditioners.append(ClassEmbedder(class_cfg))
     text_cfg = config.model.conditioning.text
     if text_cfg is not None:
-        if config.data.caption_template is None:
+        if config.data.caption_template is None and config.data.name not in FOLDERS:  # folders: resolve_from_data
             raise ConfigError("model.conditioning.text: needs captions; set data.caption_template "
                               "(e.g. 'a photo of {}')")
         conditioners.append(TextConditioner(text_cfg))
@@ -136,14 +136,20 @@ def label_conditioning(config: ExperimentConfig) -> Optional[LabelConditioning]:
     class_cfg, text_cfg = config.model.conditioning.class_label, config.model.conditioning.text
     if class_cfg is None and text_cfg is None:
         return None
-    if class_cfg is None and not has_caption_names(config.data.name):
-        return None  # captions from a prompt only (an imported Stable Diffusion): no class names to make them from
-    names = caption_names(config.data.name) if text_cfg is not None else ()
+    data = config.data
+    if text_cfg is None:
+        names: tuple[str, ...] = ()
+    elif data.name in FOLDERS:  # captions from the folder's class names only with a template (else its own captions)
+        names = tuple(data.class_names or ()) if data.caption_template else ()
+    else:
+        names = tuple(caption_names(data.name)) if has_caption_names(data.name) else ()
+    if class_cfg is None and not names:
+        return None  # captions from a prompt or the data only (an imported Stable Diffusion, a captioned folder)
     return LabelConditioning(
         num_classes=class_cfg.num_classes if class_cfg is not None else len(names),
         class_key=class_cfg.input_key if class_cfg is not None else None,
-        caption_key=text_cfg.input_key if text_cfg is not None else None,
-        caption_template=config.data.caption_template if text_cfg is not None else None,
+        caption_key=text_cfg.input_key if names else None,
+        caption_template=data.caption_template if names else None,
         caption_names=names)
 
 
