@@ -183,6 +183,12 @@ class TextConditioner(Conditioner):
         """D: the encoder's hidden size (the UNet's ``context_dim`` or ``vector_dim``)."""
         return self.encoder.config.hidden_size
 
+    @property
+    def fixed(self) -> bool:
+        """The encoder is a fixed function of the caption: frozen and none of its parameters trains (with
+        ``model.freeze.token_embeddings`` the input embeddings of a frozen encoder do)."""
+        return self.config.freeze and not any(p.requires_grad for p in self.encoder.parameters())
+
     def train(self, mode: bool = True) -> "TextConditioner":
         super().train(mode)
         if self.config.freeze:
@@ -202,7 +208,7 @@ class TextConditioner(Conditioner):
             raise TypeError(f"batch['{self.input_key}'] must be a list of B caption strings, "
                             f"got {type(value).__name__}")
         captions = [EMPTY_CAPTION if d else caption for caption, d in zip(value, drop.tolist())]
-        if self.config.freeze and self.config.cache_size > 0:
+        if self.fixed and self.config.cache_size > 0:
             hidden, mask = self._encode_cached(captions)
         else:
             hidden, mask = self._encode(captions)
@@ -216,7 +222,7 @@ class TextConditioner(Conditioner):
         ids, mask = self.tokenize(captions)
         if self.config.sd_padding:  # Stable Diffusion: every position attended, padding included
             mask = torch.ones_like(mask)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.fixed):
             attention = None if self.config.sd_padding else mask.long()
             hidden = self.encoder(input_ids=ids, attention_mask=attention).last_hidden_state  # (B, L, D)
         return hidden, mask

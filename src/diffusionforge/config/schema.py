@@ -38,9 +38,28 @@ class LatentConfig:
     """The frozen first stage of latent diffusion (model.first_stage=autoencoder)."""
 
     run_dir: Optional[str] = None          # a finished autoencoder run (`dforge train fashion-vae`)
+    vae_dir: Optional[str] = None          # or a pretrained diffusers AutoencoderKL folder (e.g. an SD vae/); its scaling_factor is the scale
     scale_factor: Optional[float] = None   # z = scale_factor * E(x); None: the autoencoder's, else 1/std estimated on training latents
     scale_images: int = 1024               # training images used to estimate the scale (LDM uses one batch)
     sample_posterior: bool = True          # train on z ~ q(z|x) (LDM); False uses its mean
+
+
+@dataclass
+class FreezeConfig:
+    """Which parts of the network train (``model.freeze``); frozen parameters have requires_grad False, are left out
+    of the optimiser and end training bit-identical. The defaults are what every run did before this section."""
+
+    first_stage: bool = True               # a latent run's autoencoder: always frozen (train it as a task=autoencoder run)
+    text_encoder: Optional[bool] = None    # pretrained caption encoders (text, story): None = each conditioner's own `freeze` (frozen by default); false trains them (ARLDM freeze_clip=false)
+    token_embeddings: bool = False         # with a frozen text encoder, its input token embeddings still train (new character tokens; ARLDM freeze_clip=true)
+    backbone: bool = False                 # the whole UNet / DiT
+    backbone_resnets: bool = False         # the UNet / DiT outside its attention blocks (ARLDM freeze_resnet: only attention trains)
+    history_encoder: bool = False          # story: the history encoder (fusion layers, or the BLIP projection; BLIP's towers are always frozen)
+
+    def __post_init__(self) -> None:
+        if self.first_stage is not True:
+            raise ValueError("model.freeze.first_stage: the first stage is always frozen; train an autoencoder as a "
+                             "task=autoencoder run")
 
 
 @dataclass
@@ -55,6 +74,7 @@ class ModelConfig:
     conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
     first_stage: Literal["identity", "autoencoder"] = "identity"  # pixel space, or latent diffusion
     latent: LatentConfig = field(default_factory=LatentConfig)  # used when first_stage=autoencoder
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)  # which parts train (fine-tuning)
 
 
 @dataclass
@@ -162,6 +182,7 @@ class ExperimentConfig:
     task: Literal["diffusion", "autoencoder", "bridge", "story"] = "diffusion"  # what `dforge train` trains
     seed: int = 0                          # seeds data split, init and sampling
     run_dir: Optional[str] = None          # where config, checkpoints, samples and logs go
+    init_from: Optional[str] = None        # fine-tune: a run directory (ours or `dforge import`ed) whose EMA weights (model.safetensors) start the network and whose first_stage.safetensors is the first stage
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -164,9 +164,28 @@ class NetworkModule(BaseModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.ema.update_parameters(self.net)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters of ``net`` that train: frozen ones (a pretrained text encoder, ``model.freeze``) are not
+        handed to the optimiser."""
+        return [p for p in self.net.parameters() if p.requires_grad]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Checkpoints written when the optimiser held every parameter of ``net`` (frozen ones too: they had no
+        gradient and no state) resume with the trainable parameters only."""
+        states = checkpoint.get("optimizer_states") or []
+        params = list(self.net.parameters())
+        keep = [i for i, p in enumerate(params) if p.requires_grad]
+        for state in states:
+            groups = state.get("param_groups") or []
+            if len(groups) != 1 or len(groups[0]["params"]) != len(params) or len(keep) == len(params):
+                continue
+            index = {old: new for new, old in enumerate(keep)}
+            state["state"] = {index[k]: v for k, v in state["state"].items() if k in index}
+            groups[0]["params"] = list(range(len(keep)))
+
     def configure_optimizers(self):
         cfg = self.optim_config
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+        optimizer = torch.optim.AdamW(self.trainable_parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                       weight_decay=cfg.weight_decay)
         total = self.trainer.max_steps if self._trainer is not None else -1
         return {"optimizer": optimizer,

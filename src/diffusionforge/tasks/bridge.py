@@ -20,6 +20,7 @@ from ..errors import ConfigError, DataError
 from ..models.bridge import BridgeModel
 from ..processes.bridge import BridgeMatching
 from ..utils.images import load_image
+from .init import finetune, prepare_init
 from .base import EvalOptions, Task, validation_items
 from .parts import resolve_from_data
 from .parts import (check_class_labels, check_num_classes, export_weights, first_stage_network, load_exported,
@@ -125,8 +126,9 @@ class BridgeTask(Task):
 
     def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, BridgeModel]:
         config = resolve_from_data(config, datamodule)  # a folder's size, channels, classes
+        config = prepare_init(config)  # init_from: a run to fine-tune
         config, autoencoder = prepare_first_stage(config, datamodule)
-        model = self.build_model(config, datamodule.num_classes, autoencoder=autoencoder)
+        model = finetune(self.build_model(config, datamodule.num_classes, autoencoder=autoencoder), config)
         model.grid_source = validation_items(datamodule)
         return config, model
 

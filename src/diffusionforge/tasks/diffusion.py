@@ -22,6 +22,7 @@ from ..config.schema import ExperimentConfig
 from ..errors import CheckpointError, ConfigError
 from ..models.generative import GenerativeModel, SampleRequest
 from ..processes.registry import build_process  # model.objective: ddpm | edm | flow
+from .init import finetune, prepare_init
 from .base import EvalOptions, Task, validation_items
 from .parts import resolve_from_data
 from .parts import (check_class_labels, check_num_classes, export_weights, label_conditioning, load_exported,
@@ -323,8 +324,9 @@ class DiffusionTask(Task):
     def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, GenerativeModel]:
         """Latent runs load their frozen autoencoder and fix the latent scale here (recorded in the config)."""
         config = resolve_from_data(config, datamodule)  # a folder's size, channels, classes
+        config = prepare_init(config)  # init_from: a run to fine-tune
         config, autoencoder = prepare_first_stage(config, datamodule)
-        model = self.build_model(config, datamodule.num_classes, autoencoder=autoencoder)
+        model = finetune(self.build_model(config, datamodule.num_classes, autoencoder=autoencoder), config)
         model.grid_source = validation_items(datamodule)
         return config, model
 

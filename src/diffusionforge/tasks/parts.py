@@ -90,11 +90,22 @@ def build_first_stage(config: ExperimentConfig, autoencoder=None) -> nn.Module:
 
 
 def load_latent_autoencoder(config: ExperimentConfig):
-    """The AutoencoderKL of the run named by model.latent.run_dir."""
-    if config.model.latent.run_dir is None:
+    """The AutoencoderKL of model.latent.run_dir (an autoencoder run) or model.latent.vae_dir (a diffusers
+    AutoencoderKL folder), else the first stage of the ``init_from`` run."""
+    latent = config.model.latent
+    if latent.run_dir is not None and latent.vae_dir is not None:
+        raise ConfigError("model.latent.run_dir and model.latent.vae_dir: give one first stage, not both")
+    if latent.vae_dir is not None:
+        from ..interop.vae import load_diffusers_vae
+
+        return load_diffusers_vae(latent.vae_dir)
+    if latent.run_dir is None and config.init_from is not None:
+        return load_first_stage_copy(Path(config.init_from))
+    if latent.run_dir is None:
         raise ConfigError("model.latent.run_dir: latent diffusion needs a trained autoencoder run "
-                          "(e.g. `dforge train fashion-vae`)")
-    return load_autoencoder_run(config.model.latent.run_dir)[0]
+                          "(e.g. `dforge train fashion-vae`), a diffusers VAE folder (model.latent.vae_dir) "
+                          "or a latent run to start from (init_from)")
+    return load_autoencoder_run(latent.run_dir)[0]
 
 
 def diffusion_shape(config: ExperimentConfig, first_stage: nn.Module) -> tuple[int, int, int]:
@@ -175,7 +186,8 @@ def prepare_first_stage(config: ExperimentConfig, datamodule):
         return config, None
     latent = config.model.latent
     autoencoder = load_latent_autoencoder(config)
-    scale = latent.scale_factor if latent.scale_factor is not None else autoencoder.config.scaling_factor
+    scale = latent.scale_factor if latent.scale_factor is not None else init_run_scale(config)
+    scale = scale if scale is not None else autoencoder.config.scaling_factor
     if scale is None:
         datamodule.setup("fit")
         images = datamodule.train_set
@@ -186,6 +198,16 @@ def prepare_first_stage(config: ExperimentConfig, datamodule):
     config = dataclasses.replace(config, model=dataclasses.replace(
         config.model, latent=dataclasses.replace(latent, scale_factor=float(scale))))
     return config, autoencoder
+
+
+def init_run_scale(config: ExperimentConfig) -> Optional[float]:
+    """The latent scale the ``init_from`` run trained with, when its first stage is the one used here."""
+    latent = config.model.latent
+    if config.init_from is None or latent.run_dir is not None or latent.vae_dir is not None:
+        return None
+    from ..config.loader import load_config
+
+    return load_config(str(Path(config.init_from) / CONFIG_FILE)).model.latent.scale_factor
 
 
 def _images_of(item: dict) -> torch.Tensor:

@@ -20,6 +20,7 @@ from ..models.generative import SampleRequest
 from ..models.story import StoryModel
 from ..processes.gaussian import GaussianDiffusion
 from ..utils.images import load_image
+from .init import finetune, prepare_init
 from .base import EvalOptions, Task, validation_items
 from .diffusion import one_step_count, sample_request
 from .parts import (check_num_classes, export_weights, first_stage_network, load_exported, model_parts,
@@ -97,8 +98,9 @@ class StoryTask(Task):
         return build_story_model(config, num_classes, sample_dir, autoencoder)
 
     def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, StoryModel]:
+        config = prepare_init(config)  # init_from: a run to fine-tune
         config, autoencoder = prepare_first_stage(config, datamodule)
-        model = self.build_model(config, datamodule.num_classes, autoencoder=autoencoder)
+        model = finetune(self.build_model(config, datamodule.num_classes, autoencoder=autoencoder), config)
         model.grid_source = validation_items(datamodule)
         return config, model
 
