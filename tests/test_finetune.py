@@ -197,3 +197,43 @@ def test_vae_dir_is_the_first_stage_of_a_latent_run(sd_pipeline, tmp_path):  # n
     with pytest.raises(ConfigError, match="give one first stage"):
         load_latent_autoencoder(load_config("fashion-ddpm", ["model.first_stage=autoencoder",
                                                              "model.latent.run_dir=x", "model.latent.vae_dir=y"]))
+
+
+def test_frozen_parameters_left_out_of_adamw_change_nothing(imported):
+    """AdamW over the trainable parameters steps them exactly as the former AdamW over all of ``net`` (frozen
+    ones had no gradient), and an optimiser state saved the former way resumes (``on_load_checkpoint``)."""
+    import copy
+
+    _, config = open_run(imported)
+    model = DiffusionTask().build_model(config, autoencoder=load_latent_autoencoder(
+        load_config(str(imported / "config.yaml"), [f"init_from={imported}"])))
+    old = copy.deepcopy(model)
+    frozen = [p for p in model.net.parameters() if not p.requires_grad]
+    assert frozen  # the CLIP text encoder
+    before = torch.optim.AdamW(old.net.parameters(), lr=config.optim.lr, betas=tuple(config.optim.betas),
+                               weight_decay=config.optim.weight_decay)  # the former configure_optimizers
+    old.lr_schedule(before, -1)
+    after = model.configure_optimizers()["optimizer"]
+    assert len(after.param_groups[0]["params"]) == len(before.param_groups[0]["params"]) - len(frozen)
+
+    def step(module, optimizer, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for p in module.net.parameters():
+            p.grad = torch.randn(p.shape, generator=generator) if p.requires_grad else None
+        torch.nn.utils.clip_grad_norm_([p for p in module.net.parameters() if p.grad is not None], 1.0)
+        optimizer.step()
+
+    def same():
+        return all(torch.equal(a, b) for a, b in zip(old.net.parameters(), model.net.parameters()))
+
+    for seed in range(2):
+        step(old, before, seed)
+        step(model, after, seed)
+        assert same(), seed
+    checkpoint = {"optimizer_states": [copy.deepcopy(before.state_dict())]}  # as read from a file
+    model.on_load_checkpoint(checkpoint)
+    after.load_state_dict(checkpoint["optimizer_states"][0])
+    step(old, before, 2)
+    step(model, after, 2)
+    for (name, a), b in zip(old.net.named_parameters(), model.net.parameters()):
+        assert torch.equal(a, b), name
