@@ -237,3 +237,29 @@ def test_frozen_parameters_left_out_of_adamw_change_nothing(imported):
     step(model, after, 2)
     for (name, a), b in zip(old.net.named_parameters(), model.net.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_story_run_fine_tuned_from_a_story_run(tmp_path):
+    """task=story: init_from a tiny AR-LDM run with ARLDM's freeze_resnet (model.freeze.backbone_resnets) and the
+    history encoder frozen; the caption encoder stays frozen; what is frozen ends bit-identical."""
+    from test_story_run import TINY_STORY
+    from test_text_conditioner import _tiny_bert
+
+    (tmp_path / "bert").mkdir()
+    text = _tiny_bert(tmp_path / "bert")
+    first, second = tmp_path / "first", tmp_path / "second"
+    common = ["--no-progress", "fashion-arldm", *TINY_STORY, f"model.conditioning.story.path={text}"]
+    assert main(["train", *common, f"run_dir={first}"]) == 0
+    assert main(["train", *common, f"run_dir={second}", f"init_from={first}", "model.freeze.backbone_resnets=true",
+                 "model.freeze.history_encoder=true"]) == 0
+    start, end = load_file(first / "model.safetensors"), load_file(second / "model_raw.safetensors")
+    assert start.keys() == end.keys()
+    same = {k for k in start if torch.equal(start[k], end[k])}
+    history = [k for k in start if ".history." in k]
+    caption_encoder = [k for k in start if ".text.encoder." in k]
+    assert history and caption_encoder and set(history) <= same and set(caption_encoder) <= same
+    attention = [k for k in start if k.startswith("backbone.") and ".transformer_blocks." in k]
+    resnets = [k for k in start if k.startswith("backbone.") and (".in_layers." in k or ".out_layers." in k)]
+    assert resnets and set(resnets) <= same
+    assert attention and not set(attention) <= same
+    assert [k for k in start if "caption_proj" in k and k not in same]  # the projection trains

@@ -134,6 +134,7 @@ class NetworkModule(BaseModule):
         self.latent_shape = tuple(latent_shape)  # (C, H, W) of what the process runs on
         self.labels = labels  # how class labels become conditioning (None: no class labels)
         self.start_step = 0  # global step at which the latest fit started (or resumed)
+        self.initial_weights = "random"  # what the network starts from: random, or a run's (init_from, tasks/init.py)
         self.ema = AveragedModel(self.net, multi_avg_fn=ema_multi_avg_fn(optim), use_buffers=True)
         self.ema.requires_grad_(False)
 
@@ -158,8 +159,8 @@ class NetworkModule(BaseModule):
         left = ema_initial_share(cfg, remaining) if remaining > 0 else 0.0
         if left > EMA_STALE_SHARE:  # the EMA starts at the initial weights and never fully forgets them
             rank_zero_warn(f"optim.ema_decay={cfg.ema_decay}: after {remaining} steps the EMA "
-                           f"weights still hold {left:.0%} of the initial (random) weights; lower it "
-                           f"or warm it up (optim.ema_power)")
+                           f"weights still hold {left:.0%} of the initial ({self.initial_weights}) weights; "
+                           f"lower it or warm it up (optim.ema_power)")
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.ema.update_parameters(self.net)

@@ -54,6 +54,7 @@ def finetune(model, config: ExperimentConfig):
     """``init_from``'s weights into ``model.net`` (and its EMA), then ``model.freeze``; returns ``model``."""
     if config.init_from is not None:
         load_init_weights(model, Path(config.init_from))
+        model.initial_weights = f"init_from {config.init_from}"
     freeze_parts(model.net, config.model.freeze)
     for trained, averaged in zip(_text_conditioners(model.net), _text_conditioners(model.ema.module)):
         if not trained.fixed:  # the EMA copy's encoder changes with every update: no cached outputs
