@@ -263,3 +263,30 @@ def test_story_run_fine_tuned_from_a_story_run(tmp_path):
     assert resnets and set(resnets) <= same
     assert attention and not set(attention) <= same
     assert [k for k in start if "caption_proj" in k and k not in same]  # the projection trains
+
+
+def test_bridge_run_on_a_diffusers_vae_fine_tuned_from_a_bridge_run(sd_pipeline, tmp_path):  # noqa: F811
+    """task=bridge: model.latent.vae_dir as first stage; a second run init_from the first takes its first stage
+    (first_stage.safetensors) and latent scale with no VAE named, and trains only the attention blocks."""
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    for path in caption_folder(tmp_path / "images", count=8).glob("*.png"):
+        path.rename(folder / path.name)
+    common = ["--no-progress", "fashion-lbm-sr", "data.name=folder", f"data.root={folder}",
+              "data.degradation.scale=2", "model.latent.run_dir=null", "model.unet.model_channels=32",
+              "model.unet.num_head_channels=16", "model.unet.num_res_blocks=1", "trainer.max_steps=3",
+              "trainer.max_time=null", "trainer.accelerator=cpu", "trainer.val_every_n_steps=1000",
+              "optim.warmup_steps=0", "data.batch_size=4", "data.num_workers=0"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", *common, f"model.latent.vae_dir={sd_pipeline[1] / 'vae'}", f"run_dir={first}"]) == 0
+    assert main(["train", *common, f"init_from={first}", "model.freeze.backbone_resnets=true",
+                 f"run_dir={second}"]) == 0
+    config = open_run(second)[1]
+    assert config.model.latent.scale_factor == pytest.approx(0.3) and config.model.latent.vae_dir is None
+    a, b = load_file(first / "first_stage.safetensors"), load_file(second / "first_stage.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    start, end = load_file(first / "model.safetensors"), load_file(second / "model_raw.safetensors")
+    resnets = [k for k in start if ".in_layers." in k or ".out_layers." in k]
+    attention = [k for k in start if ".transformer_blocks." in k or ".qkv." in k or ".proj_out." in k]
+    assert resnets and all(torch.equal(start[k], end[k]) for k in resnets)
+    assert attention and not all(torch.equal(start[k], end[k]) for k in attention)
