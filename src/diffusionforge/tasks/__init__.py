@@ -5,6 +5,9 @@
                     network, commands) and ``EvalOptions``
 ``parts``           what the model-building tasks share: first stage,
                     conditioners, backbone, exporting and loading weights
+``network``         ``NetworkTask``: their one build / finish / load
+``init``            ``init_from`` (fine-tuning from a run) and ``model.freeze``
+``imported``        `dforge import`: pretrained pipelines as run directories
 ``diffusion``       Gaussian diffusion (DDPM, LDM, DiT): `dforge sample`
 ``autoencoder``     the KL autoencoder of latent diffusion
 ``bridge``          Latent Bridge Matching: `dforge translate`

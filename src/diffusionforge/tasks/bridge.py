@@ -20,11 +20,9 @@ from ..errors import ConfigError, DataError
 from ..models.bridge import BridgeModel
 from ..processes.bridge import BridgeMatching
 from ..utils.images import load_image
-from .init import finetune, prepare_init
-from .base import EvalOptions, Task, validation_items
-from .parts import resolve_from_data
-from .parts import (check_class_labels, check_num_classes, export_weights, first_stage_network, load_exported,
-                    model_parts, prepare_first_stage, run_first_stage)
+from .base import EvalOptions
+from .network import NetworkTask
+from .parts import check_num_classes, model_parts
 
 
 def build_bridge_model(config: ExperimentConfig, num_classes: Optional[int] = None,
@@ -113,7 +111,7 @@ def translate_image(model: BridgeModel, batch: dict, class_label: Optional[int] 
     return model.translate(batch, steps=steps, generator=generator, precision=precision)
 
 
-class BridgeTask(Task):
+class BridgeTask(NetworkTask):
     """Image-to-image translation by a bridge from the degraded image to the clean one."""
 
     name = "bridge"
@@ -124,23 +122,6 @@ class BridgeTask(Task):
                     sample_dir: Optional[Path] = None, autoencoder=None):
         return build_bridge_model(config, num_classes, sample_dir, autoencoder)
 
-    def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, BridgeModel]:
-        config = resolve_from_data(config, datamodule)  # a folder's size, channels, classes
-        config = prepare_init(config)  # init_from: a run to fine-tune
-        config, autoencoder = prepare_first_stage(config, datamodule)
-        model = finetune(self.build_model(config, datamodule.num_classes, autoencoder=autoencoder), config)
-        model.grid_source = validation_items(datamodule)
-        return config, model
-
-    def finish(self, model: BridgeModel, datamodule, run_dir: Path, config: ExperimentConfig) -> Path:
-        """Export the weights; samples/final.png: validation pairs (source, translation, target)."""
-        export_weights(model, run_dir)
-        return model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
-
-    def load(self, run_dir: Path, config: ExperimentConfig, use_ema: bool = True) -> BridgeModel:
-        model = self.build_model(config, autoencoder=run_first_stage(run_dir, config))
-        return load_exported(model, run_dir, use_ema)
-
     def evaluate(self, run_dir: Path, config: ExperimentConfig, options: EvalOptions) -> dict:
         """PSNR, SSIM, FID and KID of the translations of the test pairs at each of ``options.steps``."""
         from ..evaluation.paired import evaluate_bridge_run
@@ -149,6 +130,3 @@ class BridgeTask(Task):
         return evaluate_bridge_run(model, config, options.num, options.steps or [config.bridge.steps],
                                    batch_size=options.batch_size, features=options.features, seed=options.seed,
                                    use_ema=options.use_ema, precision=options.precision)
-
-    def network(self, run_dir: Path, config: ExperimentConfig, kind: str):
-        return first_stage_network(run_dir, config, kind)

@@ -22,11 +22,9 @@ from ..config.schema import ExperimentConfig
 from ..errors import CheckpointError, ConfigError
 from ..models.generative import GenerativeModel, SampleRequest
 from ..processes.registry import build_process  # model.objective: ddpm | edm | flow
-from .init import finetune, prepare_init
-from .base import EvalOptions, Task, validation_items
-from .parts import resolve_from_data
-from .parts import (check_class_labels, check_num_classes, export_weights, label_conditioning, load_exported,
-                    model_parts, prepare_first_stage, run_first_stage, first_stage_network)
+from .base import EvalOptions
+from .network import NetworkTask
+from .parts import check_num_classes, first_stage_network, label_conditioning, model_parts
 
 
 def build_diffusion_model(config: ExperimentConfig, num_classes: Optional[int] = None,
@@ -310,7 +308,7 @@ def one_step_count(steps: Optional[list[int]], default: int, what: str) -> int:
     return default if steps is None else steps[0]
 
 
-class DiffusionTask(Task):
+class DiffusionTask(NetworkTask):
     """Gaussian diffusion of images or latents, conditioned on classes, captions or maps."""
 
     name = "diffusion"
@@ -320,23 +318,6 @@ class DiffusionTask(Task):
     def build_model(self, config: ExperimentConfig, num_classes: Optional[int] = None,
                     sample_dir: Optional[Path] = None, autoencoder=None):
         return build_diffusion_model(config, num_classes, sample_dir, autoencoder)
-
-    def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, GenerativeModel]:
-        """Latent runs load their frozen autoencoder and fix the latent scale here (recorded in the config)."""
-        config = resolve_from_data(config, datamodule)  # a folder's size, channels, classes
-        config = prepare_init(config)  # init_from: a run to fine-tune
-        config, autoencoder = prepare_first_stage(config, datamodule)
-        model = finetune(self.build_model(config, datamodule.num_classes, autoencoder=autoencoder), config)
-        model.grid_source = validation_items(datamodule)
-        return config, model
-
-    def finish(self, model: GenerativeModel, datamodule, run_dir: Path, config: ExperimentConfig) -> Path:
-        export_weights(model, run_dir)
-        return model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
-
-    def load(self, run_dir: Path, config: ExperimentConfig, use_ema: bool = True) -> GenerativeModel:
-        model = self.build_model(config, autoencoder=run_first_stage(run_dir, config))
-        return load_exported(model, run_dir, use_ema)
 
     def evaluate(self, run_dir: Path, config: ExperimentConfig, options: EvalOptions) -> dict:
         """FID, KID and class accuracy of ``options.num`` samples against the test split."""

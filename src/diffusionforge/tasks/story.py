@@ -20,11 +20,10 @@ from ..models.generative import SampleRequest
 from ..models.story import StoryModel
 from ..processes.gaussian import GaussianDiffusion
 from ..utils.images import load_image
-from .init import finetune, prepare_init
-from .base import EvalOptions, Task, validation_items
+from .base import EvalOptions
+from .network import NetworkTask
 from .diffusion import one_step_count, sample_request
-from .parts import (check_num_classes, export_weights, first_stage_network, load_exported, model_parts,
-                    prepare_first_stage, run_first_stage)
+from .parts import check_num_classes, model_parts
 
 
 def build_story_model(config: ExperimentConfig, num_classes: Optional[int] = None,
@@ -86,7 +85,7 @@ def generate_stories(model: StoryModel, captions: list[str], request: SampleRequ
     return torch.cat(rows)
 
 
-class StoryTask(Task):
+class StoryTask(NetworkTask):
     """Stories of frames generated one after another, each from its caption and the story so far."""
 
     name = "story"
@@ -96,22 +95,6 @@ class StoryTask(Task):
     def build_model(self, config: ExperimentConfig, num_classes: Optional[int] = None,
                     sample_dir: Optional[Path] = None, autoencoder=None):
         return build_story_model(config, num_classes, sample_dir, autoencoder)
-
-    def build(self, config: ExperimentConfig, datamodule) -> tuple[ExperimentConfig, StoryModel]:
-        config = prepare_init(config)  # init_from: a run to fine-tune
-        config, autoencoder = prepare_first_stage(config, datamodule)
-        model = finetune(self.build_model(config, datamodule.num_classes, autoencoder=autoencoder), config)
-        model.grid_source = validation_items(datamodule)
-        return config, model
-
-    def finish(self, model: StoryModel, datamodule, run_dir: Path, config: ExperimentConfig) -> Path:
-        """Export the weights; samples/final.png: real validation stories above generated ones."""
-        export_weights(model, run_dir)
-        return model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
-
-    def load(self, run_dir: Path, config: ExperimentConfig, use_ema: bool = True) -> StoryModel:
-        model = self.build_model(config, autoencoder=run_first_stage(run_dir, config))
-        return load_exported(model, run_dir, use_ema)
 
     def evaluate(self, run_dir: Path, config: ExperimentConfig, options: EvalOptions) -> dict:
         """FID per frame, caption / position / size accuracy and identity consistency of the test stories."""
@@ -131,6 +114,3 @@ class StoryTask(Task):
         model = self.load(run_dir, config, options.use_ema)
         return evaluate_story_run(model, config, options.num, request, seed=options.seed,
                                   batch_size=options.batch_size)
-
-    def network(self, run_dir: Path, config: ExperimentConfig, kind: str):
-        return first_stage_network(run_dir, config, kind)
