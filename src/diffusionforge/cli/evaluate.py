@@ -57,11 +57,11 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.num < 2 or any(k < 1 for k in args.steps or ()) or args.batch_size < 1:
         raise ConfigError("--num must be >= 2, --steps and --batch-size >= 1")
-    from ..runs import open_run, write_json
+    from ..runs import METRICS_FILE, open_run, write_json
     from ..tasks import EvalOptions, task_of
 
     run_dir, config = open_run(args.run_dir)
-    out = check_output_file(args.out or Path(args.run_dir) / "metrics.json", JSON)
+    out = check_output_file(args.out or Path(args.run_dir) / METRICS_FILE, JSON)
     options = EvalOptions(num=args.num, steps=args.steps, sampler=args.sampler, schedule=args.schedule, eta=args.eta,
                           guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
                           use_ema=not args.raw, precision=args.precision, features=args.features)

@@ -38,7 +38,7 @@ from .story import StoryTask
 for _task in (DiffusionTask(), AutoencoderTask(), BridgeTask(), StoryTask()):
     register(_task)
 
-__all__ = ["TASKS", "EvalOptions", "Task", "build_model", "command_task", "load_run", "load_run_model",
+__all__ = ["TASKS", "EvalOptions", "Task", "build_model", "command_task", "load_run_model",
            "read_network", "task_of"]
 
 
@@ -48,13 +48,6 @@ def command_task(config: ExperimentConfig, command: str, run_dir: Path) -> Task:
     if command not in task.commands:
         raise task.refuse(command, run_dir, [t.name for t in TASKS.values() if command in t.commands])
     return task
-
-
-def load_run(run_dir: str | Path, use_ema: bool = True):
-    """The trained model of any run directory (eval mode), its config and its task."""
-    run_dir, config = open_run(run_dir)
-    task = task_of(config)
-    return task.load(run_dir, config, use_ema), config, task
 
 
 def load_run_model(run_dir: str | Path, use_ema: bool = True):
