@@ -12,7 +12,7 @@ pid no longer runs on this host (the holder was killed) is stale: it is taken
 over with a notice. A lock from another host cannot be checked and is
 refused. DDP worker processes (``$DFORGE_RUN_DIR`` set by the launching
 process, which holds the lock) and the processes of rank > 0 that an external
-launcher (torchrun, SLURM) starts neither take nor check it.
+launcher (torchrun, SLURM, ``NODE_RANK``; ``runs.launched_rank``) starts neither take nor check it.
 """
 
 from __future__ import annotations
@@ -27,16 +27,15 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .errors import CheckpointError
-from .runs import RUN_DIR_ENV
+from .runs import first_process
 
 LOCK_FILE = ".lock"
-RANK_VARIABLES = ("RANK", "SLURM_PROCID")  # set by torchrun / srun for every process of a multi-node run
 
 
 @contextmanager
 def run_lock(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir/.lock`` for the duration of the block (no-op in DDP workers)."""
-    if os.environ.get(RUN_DIR_ENV) or launched_rank() > 0:
+    if not first_process():
         yield
         return
     path = Path(run_dir) / LOCK_FILE
@@ -45,15 +44,6 @@ def run_lock(run_dir: Path) -> Iterator[None]:
         yield
     finally:
         release(path)
-
-
-def launched_rank() -> int:
-    """Global rank given by an external launcher (torchrun, SLURM); 0 when there is none."""
-    for var in RANK_VARIABLES:
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    return 0
 
 
 def acquire(path: Path) -> None:

@@ -30,7 +30,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 from .config.loader import config_to_yaml, load_config
 from .config.schema import ExperimentConfig
@@ -47,6 +47,36 @@ METRICS_FILE = "metrics.json"
 CLASS_NAMES_FILE = "class_names.json"  # imported class-conditional runs (`dforge import`): a JSON list, one name per class index
 LAST_CKPT = Path("checkpoints") / "last.ckpt"
 RUN_DIR_ENV = "DFORGE_RUN_DIR"  # set for DDP worker processes that re-run the CLI
+RANK_VARIABLES = ("RANK", "SLURM_PROCID")  # global rank, set by torchrun / srun for every process of a run
+NODE_VARIABLES = ("NODE_RANK", "GROUP_RANK", "LOCAL_RANK")  # node and local rank (Lightning's environment, torchrun)
+WORLD_VARIABLES = ("WORLD_SIZE", "SLURM_NTASKS")  # processes of an externally launched run
+
+
+def _env_int(variable: str) -> Optional[int]:
+    value = os.environ.get(variable, "").strip()
+    return int(value) if value.isdigit() else None
+
+
+def launched_rank() -> int:
+    """Global rank given by an external launcher (torchrun, SLURM's srun, or ``NODE_RANK`` / ``LOCAL_RANK`` as a
+    cluster sets them for Lightning); 0 when there is none. From node and local rank alone the global rank is not
+    known without the devices per node: any non-zero one gives a rank > 0 (only "is this the first process" matters)."""
+    for variable in RANK_VARIABLES:
+        rank = _env_int(variable)
+        if rank is not None:
+            return rank
+    return max((_env_int(v) or 0 for v in NODE_VARIABLES), default=0)
+
+
+def first_process() -> bool:
+    """Whether this process is the one that owns the run directory: not a DDP worker that Lightning started
+    (``$DFORGE_RUN_DIR``), not a process of rank > 0 that an external launcher started."""
+    return not os.environ.get(RUN_DIR_ENV) and launched_rank() == 0
+
+
+def launched_world_size() -> int:
+    """Processes of a run started by an external launcher (1 when none says otherwise)."""
+    return max((_env_int(v) or 1 for v in WORLD_VARIABLES), default=1)
 
 
 @contextmanager
@@ -77,10 +107,20 @@ def create_run_dir(config: ExperimentConfig) -> tuple[Path, ExperimentConfig]:
 
     DDP worker processes re-run the same command; they find the directory
     chosen by the launching process in ``$DFORGE_RUN_DIR`` and reuse it.
+    Processes that an external launcher starts on several nodes (torchrun,
+    srun, ``NODE_RANK``) share the ``run_dir`` they are all given: the first
+    one (global rank 0) makes it and writes its config, the others only use it.
     """
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited:
         return Path(inherited), replace(config, run_dir=inherited)
+    rank = launched_rank()
+    if config.run_dir is None and (rank > 0 or launched_world_size() > 1):
+        raise ConfigError("run_dir: a run launched as several processes (torchrun, srun, NODE_RANK) needs "
+                          "run_dir=PATH, the same on every node, on a filesystem they all share")
+    if rank > 0:
+        run_dir = Path(config.run_dir).resolve()
+        return run_dir, replace(config, run_dir=str(run_dir))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(config.run_dir or Path("runs") / f"{config.name}-{stamp}").resolve()
     if (run_dir / CONFIG_FILE).exists():

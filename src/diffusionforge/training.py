@@ -34,8 +34,8 @@ from .errors import ConfigError
 from .machine import choose_precision, describe_machine, machine_line
 from .plotting import plot_after_fit
 from .run_lock import run_lock
-from .runs import (CONFIG_FILE, create_run_dir, last_checkpoint, open_run, run_dir_for_workers, write_summary,
-                   write_text_atomic)
+from .runs import (CONFIG_FILE, create_run_dir, first_process, last_checkpoint, open_run, run_dir_for_workers,
+                   write_summary, write_text_atomic)
 from .tasks import Task, task_of
 
 
@@ -124,7 +124,8 @@ def train(source: Optional[str] = None, overrides: Sequence[str] = (), resume: O
         else:
             check_resume_fits(model, resumed)
             resumed = None  # release the memory-mapped checkpoint
-            write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(config))
+            if first_process():  # one writer of the run directory
+                write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(config))
         print(machine_line(machine, precision, why, config.trainer.time_budget or config.trainer.max_time),
               file=sys.stderr)  # after every input check: a refusal is one line
         model.sample_dir = run_dir / "samples"
