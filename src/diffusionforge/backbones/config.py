@@ -13,7 +13,7 @@ from typing import Optional
 
 from diffusionforge.errors import ConfigError
 
-__all__ = ["DIT_MODELS", "DiTConfig", "LabelDiTConfig", "UNetConfig"]
+__all__ = ["DIT_MODELS", "DiTConfig", "LORA_TARGETS", "LabelDiTConfig", "LoRAConfig", "UNetConfig"]
 
 
 @dataclass
@@ -197,3 +197,37 @@ class LabelDiTConfig(DiTConfig):
         self.vector_dim = self.hidden_size  # the label table's rows add to the timestep embedding
         if self.num_classes < 1:
             raise ConfigError(f"LabelDiTConfig.num_classes must be >= 1, got {self.num_classes}")
+
+
+# The attention projections LoRA can adapt, per backbone (the module names of backbones/attention.py's
+# CrossAttention and backbones/dit.py's Attention; "to_out" is to_out.0, the Linear before the dropout).
+LORA_TARGETS = {"unet": ("to_q", "to_k", "to_v", "to_out"), "dit": ("qkv", "proj")}
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters on the backbone's attention projections (``model.lora``; Hu et al. 2022, through peft):
+    ``W x + (alpha / rank) B A x`` with ``A: (rank, d_in)``, ``B: (d_out, rank)`` zero at the start. With
+    ``rank`` > 0 only the adapters of the backbone train (its own weights are frozen; the conditioner follows
+    ``model.freeze``); the run needs ``init_from``."""
+
+    rank: int = 0  # r; 0 = no LoRA
+    alpha: Optional[float] = None  # the scale's numerator; None = rank (scale 1)
+    targets: Optional[list[str]] = None  # projections to adapt: unet to_q, to_k, to_v, to_out; dit qkv, proj; None = all of the backbone's
+    dropout: float = 0.0  # dropout on the adapters' input (peft lora_dropout)
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ConfigError(f"model.lora.rank: must be >= 0 (0 = no LoRA), got {self.rank}")
+        if self.alpha is not None and not self.alpha > 0:
+            raise ConfigError(f"model.lora.alpha: must be > 0 (or null = rank), got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.lora.dropout: must be in [0, 1), got {self.dropout}")
+        known = sorted({name for names in LORA_TARGETS.values() for name in names})
+        if self.targets is not None and (not self.targets or any(t not in known for t in self.targets)):
+            raise ConfigError(f"model.lora.targets: a non-empty list of {', '.join(known)}, got {self.targets}")
+
+    @property
+    def scale(self) -> float:
+        """``alpha / rank``, the factor of ``B A``."""
+        return (self.rank if self.alpha is None else self.alpha) / self.rank

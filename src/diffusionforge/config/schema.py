@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from ..backbones.config import DiTConfig, UNetConfig
+from ..backbones.config import DiTConfig, LoRAConfig, UNetConfig
 from ..conditioning.config import (ClassLabelConfig, ConcatConditionerConfig, LatentsConcatConfig,
                                    StoryConditionerConfig, TextConditionerConfig)
 from ..data.config import DataConfig
@@ -75,6 +75,7 @@ class ModelConfig:
     first_stage: Literal["identity", "autoencoder"] = "identity"  # pixel space, or latent diffusion
     latent: LatentConfig = field(default_factory=LatentConfig)  # used when first_stage=autoencoder
     freeze: FreezeConfig = field(default_factory=FreezeConfig)  # which parts train (fine-tuning)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # low-rank adapters on the backbone's attention (fine-tuning)
 
 
 @dataclass
@@ -111,7 +112,8 @@ class TrainerConfig:
     time_budget: Optional[str] = None      # optional wall-clock limit of the whole `dforge train` command "DD:HH:MM:SS": the fit gets what start-up and the final grid leave
     accelerator: str = "auto"              # cpu | gpu | auto (Lightning)
     devices: str = "1"                     # number of devices, a list "0,1", or "auto"
-    strategy: str = "auto"                 # auto | ddp | fsdp | ... (Lightning)
+    strategy: str = "auto"                 # auto | ddp | fsdp (FSDP2: parameters, gradients, optimiser state and EMA sharded across processes) | ... (Lightning)
+    activation_checkpointing: bool = False  # recompute the backbone's blocks in backward instead of keeping their activations (less memory, ~1/3 more compute)
     num_nodes: int = 1                     # nodes for multi-node DDP/FSDP
     precision: str = "32-true"             # 32-true | bf16-mixed | 16-mixed | auto (bf16 where native)
     accumulate_grad_batches: int = 1       # gradient accumulation

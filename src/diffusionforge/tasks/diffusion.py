@@ -314,6 +314,7 @@ class DiffusionTask(NetworkTask):
     name = "diffusion"
     commands = frozenset({"sample"})
     usage = "`dforge sample`"
+    trains_from_cache = True  # latent runs: data.cache (tasks/latent_cache.py)
 
     def build_model(self, config: ExperimentConfig, num_classes: Optional[int] = None,
                     sample_dir: Optional[Path] = None, autoencoder=None):
@@ -339,6 +340,10 @@ class DiffusionTask(NetworkTask):
             raise CheckpointError(f"{run_dir}: kind mismatch: this run's backbone is a {config.model.backbone} "
                                   f"(pass --kind {config.model.backbone})")
         net = self.load(run_dir, config).sampling_net()
+        if config.model.lora.rank:  # a LoRA run converts with its adapters merged into the weights
+            from ..backbones.lora import merged_backbone
+
+            net["backbone"] = merged_backbone(net["backbone"])
         if kind == "dit":
             return label_dit_of_run(run_dir, net), "diffusion run (EMA weights)"
         return net["backbone"], "diffusion run (EMA weights)"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..backbones.lora import base_key, has_lora, is_lora_key
 from ..config.schema import ExperimentConfig, FreezeConfig
 from ..errors import CheckpointError, ConfigError
 from ..runs import CONFIG_FILE, EMA_WEIGHTS, resolve_run_paths
@@ -38,6 +39,8 @@ __all__ = ["finetune", "freeze_parts", "load_init_weights", "prepare_init"]
 
 def prepare_init(config: ExperimentConfig) -> ExperimentConfig:
     """Check ``init_from`` and resolve paths into it (module docstring); the config unchanged without it."""
+    if config.model.lora.rank and config.init_from is None:
+        raise ConfigError("model.lora: adapters fine-tune a pretrained network: give init_from=RUN")
     if config.init_from is None:
         return config
     run_dir = Path(config.init_from).expanduser()
@@ -73,7 +76,10 @@ def load_init_weights(model, run_dir: Path) -> None:
         state = load_file(str(path))
     except (SafetensorError, OSError) as err:
         raise CheckpointError(f"init_from: {path}: not a readable safetensors file ({err})") from None
-    own = model.net.state_dict()
+    # a LoRA model (backbones/lora.py): RUN's `to_q.weight` is its `to_q.base_layer.weight`; adapters start fresh
+    own = {key: value for key, value in model.net.state_dict().items() if not is_lora_key(key)}
+    ours = {base_key(key): key for key in own}
+    state = {ours.get(key, key): value for key, value in state.items()}
     for key, value in own.items():
         if key in state and tuple(state[key].shape) != tuple(value.shape):
             raise CheckpointError(f"init_from: {key} has shape {tuple(state[key].shape)} in {path} but "
@@ -116,7 +122,10 @@ def freeze_parts(net: nn.Module, freeze: FreezeConfig) -> None:
     """Set ``requires_grad`` of ``net``'s parts as ``model.freeze`` says (the first stage is not in ``net``:
     ``NetworkModule`` freezes it). The defaults touch nothing."""
     backbone = net["backbone"]
-    if freeze.backbone:
+    if has_lora(backbone):  # model.lora: the adapters train instead of the backbone's own weights
+        for name, parameter in backbone.named_parameters():
+            parameter.requires_grad_(is_lora_key(name) and not freeze.backbone)
+    elif freeze.backbone:
         backbone.requires_grad_(False)
     elif freeze.backbone_resnets:
         attention = _attention_parameters(backbone)

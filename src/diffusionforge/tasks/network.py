@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config.schema import ExperimentConfig
 from .base import Task, validation_items
 from .init import finetune, prepare_init
+from .latent_cache import check_latent_cache
 from .parts import export_weights, first_stage_network, load_exported, prepare_first_stage, resolve_from_data, \
     run_first_stage
 
@@ -27,12 +28,18 @@ class NetworkTask(Task):
         config = prepare_init(config)
         config, autoencoder = prepare_first_stage(config, datamodule)
         model = finetune(self.build_model(config, datamodule.num_classes, autoencoder=autoencoder), config)
+        check_latent_cache(model, datamodule)  # data.cache: made with this model's first stage and text encoder
         model.grid_source = validation_items(datamodule)
         return config, model
 
     def finish(self, model, datamodule, run_dir: Path, config: ExperimentConfig) -> Path:
-        """Export the weights; samples/final.png, the model's own grid."""
+        """Export the weights (a LoRA UNet's adapters also in the diffusers LoRA format); samples/final.png,
+        the model's own grid."""
         export_weights(model, run_dir)
+        if config.model.lora.rank and config.model.backbone == "unet":
+            from ..interop.lora import save_diffusers_lora
+
+            save_diffusers_lora(model.ema.module["backbone"], run_dir)
         return model.write_sample_grid(run_dir / "samples" / "final.png", seed=config.seed)
 
     def load(self, run_dir: Path, config: ExperimentConfig, use_ema: bool = True):

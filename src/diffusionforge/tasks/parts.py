@@ -34,6 +34,7 @@ from ..first_stage.latent import LatentFirstStage, estimate_scale_factor
 from ..runs import CONFIG_FILE, EMA_WEIGHTS, FIRST_STAGE_WEIGHTS, RAW_WEIGHTS, weights_file
 from ..weights import load_weights, save_weights
 from .autoencoder import load_autoencoder_run
+from .latent_cache import cached_scale
 
 
 def build_conditioner(config: ExperimentConfig, shape: tuple[int, int, int]) -> ConditionerWrapper:
@@ -139,7 +140,12 @@ def build_backbone(config: ExperimentConfig, conditioner: ConditionerWrapper,
         backbone_cfg = dataclasses.replace(backbone_cfg, **derived)
     except (ConfigError, ValueError) as err:
         raise ConfigError(f"model.{model.backbone}: {err}") from None
-    return backbone_cls(backbone_cfg)
+    backbone = backbone_cls(backbone_cfg)
+    if model.lora.rank:  # the adapters are part of the network: a LoRA run loads as it was trained
+        from ..backbones.lora import add_lora
+
+        backbone = add_lora(backbone, model.lora, model.backbone)
+    return backbone
 
 
 def label_conditioning(config: ExperimentConfig) -> Optional[LabelConditioning]:
@@ -179,7 +185,8 @@ def prepare_first_stage(config: ExperimentConfig, datamodule):
     Returns ``(config, autoencoder)``; ``autoencoder`` is None in pixel space.
     With ``model.latent.scale_factor`` unset and no scaling factor stored with
     the autoencoder, the scale is estimated as 1/std of the latents of the
-    first ``model.latent.scale_images`` training images and written into the
+    first ``model.latent.scale_images`` training images (or taken from the
+    latent cache the run trains from, ``data.cache``) and written into the
     returned config, so the run's config.yaml records the value it trained with.
     """
     if config.model.first_stage != "autoencoder":
@@ -190,6 +197,8 @@ def prepare_first_stage(config: ExperimentConfig, datamodule):
     scale = scale if scale is not None else autoencoder.config.scaling_factor
     if scale is None:
         datamodule.setup("fit")
+        scale = cached_scale(datamodule)  # data.cache: the scale the cache was made with
+    if scale is None:
         images = datamodule.train_set
         count = min(latent.scale_images, len(images))
         batches = (torch.cat([_images_of(images[i]) for i in range(start, min(start + 256, count))])
