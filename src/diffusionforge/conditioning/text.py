@@ -44,6 +44,7 @@ made 668 training steps in its 8 minutes with the cache, 531 without).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -56,7 +57,7 @@ from .base import Conditioner, MaskedCond
 from .config import TextConditionerConfig
 
 __all__ = ["TEXT_ENCODERS", "TextConditioner", "TextConditionerConfig", "add_character_tokens",
-           "load_text_encoder", "mean_pool"]
+           "cached_captions", "load_text_encoder", "mean_pool"]
 
 EMPTY_CAPTION = ""  # what a dropped caption becomes (CFG)
 
@@ -154,6 +155,21 @@ def add_character_tokens(tokenizer: Any, encoder: torch.nn.Module, characters: d
     return ids
 
 
+def cached_captions(hidden: Tensor, mask: Tensor, null_hidden: Tensor, null_mask: Tensor) -> dict[str, Tensor]:
+    """What a batch item of a latent cache holds in place of its caption: the caption's ``h (L, D)`` and
+    ``m (L,)`` and those of the empty caption, which classifier-free-guidance dropout puts in its place.
+    Collated, each entry gains the batch dimension; ``TextConditioner.encode`` takes the mapping."""
+    return {"hidden": hidden, "mask": mask, "null_hidden": null_hidden, "null_mask": null_mask}
+
+
+def cached_or_null(value: Mapping[str, Tensor], drop: Tensor) -> tuple[Tensor, Tensor]:
+    """``(h (B, L, D), m (B, L))`` of a collated ``cached_captions`` batch: the empty caption's rows where
+    ``drop`` (B,) is True, as ``encode`` replaces a dropped caption by ``EMPTY_CAPTION``."""
+    keep = ~drop.view(-1, 1)  # (B, 1)
+    hidden = torch.where(keep.unsqueeze(-1), value["hidden"], value["null_hidden"])
+    return hidden, torch.where(keep, value["mask"].bool(), value["null_mask"].bool())
+
+
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:
     """``hidden: (B, L, D)``, ``mask: (B, L)`` bool -> mean over the real tokens ``(B, D)``."""
     weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, L, 1)
@@ -204,19 +220,31 @@ class TextConditioner(Conditioner):
 
     def encode(self, value: Any, drop: Tensor) -> Union[Tensor, MaskedCond]:
         """``value``: B captions; ``drop: (B,)`` bool -> ``MaskedCond(h, m)`` or ``v`` (module docstring)."""
-        if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
-            raise TypeError(f"batch['{self.input_key}'] must be a list of B caption strings, "
-                            f"got {type(value).__name__}")
-        captions = [EMPTY_CAPTION if d else caption for caption, d in zip(value, drop.tolist())]
-        if self.fixed and self.config.cache_size > 0:
-            hidden, mask = self._encode_cached(captions)
+        if isinstance(value, Mapping):  # stored encodings of a latent cache: the encoder does not run
+            hidden, mask = cached_or_null(value, drop)
         else:
-            hidden, mask = self._encode(captions)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(c, str) for c in value):
+                raise TypeError(f"batch['{self.input_key}'] must be a list of B caption strings, "
+                                f"got {type(value).__name__}")
+            captions = [EMPTY_CAPTION if d else caption for caption, d in zip(value, drop.tolist())]
+            if self.fixed and self.config.cache_size > 0:
+                hidden, mask = self._encode_cached(captions)
+            else:
+                hidden, mask = self._encode(captions)
         if self.kind == "vector":
             return mean_pool(hidden, mask)  # (B, D)
         if self.config.sd_padding:
             return hidden  # (B, L, D), no crossattn_mask
         return MaskedCond(hidden, mask)
+
+    @torch.no_grad()
+    def embed(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Captions (B) -> ``(h (B, L, D), m (B, L))`` as ``encode`` makes them from undropped captions:
+        what a latent cache stores (``data/latent_cache.py``); the encoder must be ``fixed``."""
+        if not self.fixed:
+            raise ConfigError(f"model.conditioning.text: the text encoder of '{self.input_key}' trains "
+                              "(freeze=false or model.freeze.token_embeddings); its outputs cannot be cached")
+        return self._encode(list(captions))
 
     def _encode(self, captions: list[str]) -> tuple[Tensor, Tensor]:
         ids, mask = self.tokenize(captions)

@@ -174,9 +174,10 @@ def _error(key: str, message: str) -> ConfigError:
 # --- data (datamodule.py) -----------------------------------------------------
 
 DatasetName = Literal["fashion-mnist-embedded", "fashion-mnist", "mnist", "folder", "paired-folder",
-                      "skimage-photos"]
+                      "skimage-photos", "shards"]  # shards: a `dforge shard` folder or URL (shards.py)
 BUILT_IN = ("fashion-mnist-embedded", "skimage-photos")  # sources that ship their images (no data.root)
-FOLDERS = ("folder", "paired-folder")  # one's own images: size, channels, val split and classes from the files
+FOLDERS = ("folder", "paired-folder", "shards")  # one's own images: size, channels, val split and classes
+#                                                  from the files (shards: from their index.json)
 MIN_IMAGE_SIZE = 8  # smallest side the backbones downsample sensibly
 LEGACY_DEFAULTS = {"image_size": 28, "channels": 1, "val_size": 100}  # what None means for the other sources
 CropMode = Literal["center", "random", "stretch"]
@@ -208,6 +209,7 @@ class DataConfig:
     caption_template: Optional[str] = None  # e.g. "a photo of {}": adds batch["caption"] from class names
     degradation: Optional[DegradationConfig] = None  # image-to-image pairs: adds batch["source"] (+ "mask")
     story: Optional[StoryConfig] = None  # stories (task=story): batches of frames + captions, see stories.py
+    cache: Optional[str] = None  # a `dforge cache` folder: train on its latents and text embeddings (latent_cache.py)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -256,6 +258,19 @@ class DataConfig:
         self.story = _as_section(self.story, StoryConfig, "story")
         if self.story is not None:
             self._check_story()
+        if self.cache is not None:
+            self._check_cache()
+
+    def _check_cache(self) -> None:
+        """A latent cache holds one fixed encoding per training image: nothing may change the image per epoch."""
+        if not isinstance(self.cache, str) or not self.cache.strip():
+            raise ConfigError(f"data.cache: must be the folder `dforge cache` wrote, got {self.cache!r}")
+        changing = {"hflip": self.hflip, "degradation": self.degradation is not None,
+                    "story": self.story is not None, "crop": self.crop == "random", "name": self.name == "shards"}
+        for key, used in changing.items():
+            if used:
+                raise ConfigError(f"data.{key}: not used with data.cache (a cache holds one fixed encoding "
+                                  "of each training image)")
 
     def _check_story(self) -> None:
         """Story frames are the images: the canvas fixes image_size, stories are grey, no pairs or templates.

@@ -60,7 +60,7 @@ import sys
 
 from diffusionforge.data.captions import Captioned, caption_names
 from diffusionforge.data.config import DataConfig
-from diffusionforge.data.folder import ImageFolderDataset, PairedFolderDataset, auto_val_size
+from diffusionforge.data.folder import FLIPPED_KEYS, ImageFolderDataset, PairedFolderDataset, auto_val_size
 from diffusionforge.data.datasets import build_dataset
 from diffusionforge.data.degradations import PairedDataset
 from diffusionforge.data.stories import StoryDataset, collate_stories
@@ -84,9 +84,6 @@ class RandomHFlip(Dataset):
                 if key in item:
                     item[key] = item[key].flip(-1)
         return item
-
-
-FLIPPED_KEYS = ("image", "source", "mask")  # the image-shaped keys of an item, flipped together
 
 
 def resolve_folder(config: DataConfig, dataset) -> tuple[DataConfig, str]:
@@ -144,7 +141,12 @@ class ImageDataModule(L.LightningDataModule):
         self._source: dict[str, Optional[Dataset]] = {}
         self._eval_source: Optional[Dataset] = None  # a folder's train split, center-cropped (val)
         self.data_note: Optional[str] = None  # the line that says what a folder gave
-        if config.from_folder:
+        self.latent_cache = None  # data.cache: the LatentCache the training split is read from
+        self.shards = None  # data.name=shards: the ShardSet of data.root (shards.py)
+        self._shard_position: Optional[dict] = None  # a checkpoint's data position, until the stream exists
+        if config.name == "shards":
+            self._read_shards()
+        elif config.from_folder:
             self._read_folder()
         self.train_set: Optional[Dataset] = None
         self.val_set: Optional[Dataset] = None
@@ -171,9 +173,19 @@ class ImageDataModule(L.LightningDataModule):
         self._eval_source = train if c.crop != "random" else _recropped(train, "center")
         print(self.data_note, file=sys.stderr)
 
+    def _read_shards(self) -> None:
+        """Read the shards' index and validation samples; resolve self.config from the index."""
+        from diffusionforge.data.shards import ShardSet
+
+        self.shards = ShardSet(self.config, self.seed)
+        self.config, self.data_note = self.shards.config, self.shards.note
+        print(self.data_note, file=sys.stderr)
+
     @property
     def has_captions(self) -> bool:
-        """Whether a folder's files carry captions (metadata.jsonl / .csv, name.txt): item["caption"]."""
+        """Whether a folder's files (or the shards) carry captions (metadata.jsonl / .csv, name.txt): item["caption"]."""
+        if self.shards is not None:
+            return "caption" in self.shards.index.fields
         return getattr(self._source.get("train"), "captions", None) is not None
 
     @property
@@ -197,12 +209,17 @@ class ImageDataModule(L.LightningDataModule):
         """10 for the MNIST family, the number of class sub-folders for folder, None if unlabelled or stories."""
         if self.config.story is not None:
             return None  # stories are conditioned by their captions
+        if self.shards is not None:
+            return self.shards.index.num_classes
         return getattr(self.source("train"), "num_classes", None)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.config.story is not None:
             self._setup_stories(stage)
             return
+        if stage in (None, "fit", "validate") and self.train_set is None and self.shards is not None:
+            self.train_set = self.shards.stream(rank=0, world_size=1)  # placed on its rank by train_dataloader
+            self.val_set = self.paired(self.shards.val, deterministic=True)
         if stage in (None, "fit", "validate") and self.train_set is None:
             self._setup_train_val()
         if stage in (None, "test") and self.test_set is None:
@@ -227,10 +244,27 @@ class ImageDataModule(L.LightningDataModule):
                 f"data.batch_size: {c.batch_size} exceeds the {len(train)} training images "
                 "(the last incomplete batch is dropped, so no batch would remain)"
             )
-        train_set = Subset(full, train)
+        train_set = Subset(full, train) if c.cache is None else self.cached(train, len(full))
         train_set = RandomHFlip(train_set) if c.hflip else train_set  # flip x before degrading it
         self.train_set = self.paired(train_set, deterministic=False)
         self.val_set = self.paired(Subset(self._eval_source or full, val), deterministic=True)
+
+    def cached(self, train: list[int], source_count: int) -> Dataset:
+        """data.cache: the training split's items read from the latent cache (latent_cache.py), which must
+        have been made from this dataset; the validation split stays images."""
+        from diffusionforge.data.latent_cache import LatentCache, dataset_facts
+
+        self.latent_cache = LatentCache(self.config.cache)
+        self.latent_cache.check("dataset", self.latent_cache.index.dataset, dataset_facts(self.config, source_count))
+        return self.latent_cache.subset(train)
+
+    def plain_splits(self) -> tuple[Dataset, Dataset]:
+        """(train, val) of the source as a run splits it, before flips and pairs (``dforge shard --split all``);
+        a folder's images centre-cropped."""
+        c, full = self.config, self.source("train")
+        train, val = split_indices(len(full), c.val_size, self.seed)
+        full = self._eval_source or full
+        return Subset(full, train[: c.limit_train] if c.limit_train is not None else train), Subset(full, val)
 
     def _setup_stories(self, stage: Optional[str]) -> None:
         """StoryDataset splits (their own seeded draw: data.story.seed), or the HDF5 file's splits."""
@@ -262,7 +296,40 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup("fit")
+        if self.shards is not None:
+            return self._shard_loader()
         return self._loader(self.train_set, train=True)
+
+    def _shard_loader(self) -> DataLoader:
+        """The stream of this rank, continuing a checkpoint's position; a new epoch at every iter()."""
+        from diffusionforge.data.shards import ShardLoader
+
+        trainer = self.trainer
+        rank, world_size = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        self.train_set = self.shards.stream(rank, world_size)
+        if self._shard_position is not None:
+            self.train_set.resume(self._shard_position)
+        workers = self.config.num_workers
+        return ShardLoader(self.train_set, epoch=lambda: trainer.current_epoch if trainer is not None else 0,
+                           batch_size=self.config.batch_size, num_workers=workers,
+                           pin_memory=torch.cuda.is_available())  # workers restart each epoch: no persistent_workers
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Count the training batches a shard stream has given the trainer (its position in the epoch)."""
+        if self.shards is not None and self.trainer is not None and self.trainer.training:
+            self.train_set.advance()
+        return batch
+
+    def state_dict(self) -> dict:
+        """data.name=shards: the stream's position in its epoch (in the Lightning checkpoint)."""
+        if self.shards is None or self.train_set is None:
+            return {}
+        return {"shards": self.train_set.position()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A resumed run's shard stream continues from the checkpoint's position."""
+        if self.shards is not None and "shards" in state_dict:
+            self._shard_position = state_dict["shards"]
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

@@ -34,9 +34,20 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["DiagonalGaussianDistribution"]
+__all__ = ["DiagonalGaussianDistribution", "reparameterise"]
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # LDM's clamp on log sigma^2, keeps exp() finite
+
+
+def reparameterise(mean: Tensor, std: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """``z = mean + std * eps``, ``eps ~ N(0, I)`` drawn from ``generator`` (Kingma & Welling 2014, Eq. 10).
+
+    The one place a posterior sample is drawn: ``DiagonalGaussianDistribution.sample`` and a latent
+    cache's stored moments (``LatentFirstStage.from_posterior``) give the same ``z`` for the same
+    random state.
+    """
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + std * eps
 
 
 class DiagonalGaussianDistribution:
@@ -61,8 +72,7 @@ class DiagonalGaussianDistribution:
 
     def sample(self, generator: Optional[torch.Generator] = None) -> Tensor:
         """``z = mean + std * eps`` with ``eps ~ N(0, I)`` drawn from ``generator``; ``(B, C, h, w)``."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        return reparameterise(self.mean, self.std, generator)
 
     def mode(self) -> Tensor:
         """The most likely latent, ``mean``; ``(B, C, h, w)``."""

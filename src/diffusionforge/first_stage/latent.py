@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .autoencoder import AutoencoderKL
+from .distributions import reparameterise
 
 
 class LatentFirstStage(nn.Module):
@@ -52,11 +53,19 @@ class LatentFirstStage(nn.Module):
 
     @torch.no_grad()
     def encode(self, x: Tensor, sample: Optional[bool] = None) -> Tensor:
-        """x: (B, C, H, W) -> z: (B, c, H/f, W/f), scaled."""
+        """x: (B, C, H, W) -> z: (B, c, H/f, W/f), scaled (``from_posterior`` of the encoder's moments)."""
         posterior = self.autoencoder.encode(x)
+        return self.from_posterior(posterior.mean, posterior.std, sample)
+
+    def from_posterior(self, mean: Tensor, std: Tensor, sample: Optional[bool] = None) -> Tensor:
+        """The scaled latent ``s * (mean + std * eps)`` (or ``s * mean``) of a posterior given by its moments.
+
+        ``mean, std: (B, c, H/f, W/f)``, as ``encode`` computes them or a latent cache stores them
+        (``data/latent_cache.py``); ``eps`` is drawn as ``DiagonalGaussianDistribution.sample`` draws it,
+        so a cached and an encoded batch give the same latents for the same random state.
+        """
         use_sample = self.sample_posterior if sample is None else sample
-        z = posterior.sample() if use_sample else posterior.mode()
-        return z * self.scale_factor
+        return (reparameterise(mean, std) if use_sample else mean) * self.scale_factor
 
     def decode(self, z: Tensor, grad: bool = False) -> Tensor:
         """z: (B, c, H/f, W/f) scaled -> x: (B, C, H, W); ``grad`` lets gradients reach z (pixel losses)."""

@@ -2,7 +2,7 @@
 
 Training step (Ho et al. 2020, Algorithm 1, in the first stage's space):
 
-    z0 = E(x)            first-stage encode (identity in pixel space)
+    z0 = E(x)            first-stage encode (identity in pixel space; a latent cache's stored posterior)
     c  = C(batch)        cond dict; each conditioner may drop itself (CFG)
     t ~ U{0..T-1}, eps ~ N(0, I), z_t = q_sample(z0, t, eps)
     loss = process.training_loss(backbone(z_t, t, c), z0, z_t, t, eps)
@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from ..conditioning import Cond, ConditionerWrapper
 from ..conditioning.labels import LabelConditioning
 from ..config.schema import OptimConfig, SampleConfig
+from ..data.latent_cache import LATENT_MEAN, LATENT_STD
 from ..processes.gaussian import GaussianDiffusion
 from ..processes.registry import OBJECTIVES
 from ..samplers import SamplePrecision, autocast_denoise, classifier_free_guidance, sampler_entry
@@ -53,6 +54,7 @@ class SampleRequest:
     use_ema: bool = True
     precision: SamplePrecision = "fp32"  # bf16: the network runs under autocast, the sampler in fp32
     progress: bool = False
+    callback: Optional[Callable] = None  # callback(i, level, x, pred_x0) after each step (samplers/loop.py)
 
 
 def strength_start(num_steps: int, strength: float) -> int:
@@ -79,10 +81,17 @@ class GenerativeModel(NetworkModule):
     # ----------------------------------------------------------------- training
     def diffusion_loss(self, batch: dict) -> Tensor:
         with torch.no_grad():
-            z0 = self.first_stage.encode(batch["image"])
+            z0 = self.latents_of(batch)
         conditioner = self.net["conditioner"]
         cond = conditioner(batch, first_stage=self.first_stage) if len(conditioner) else None
         return self.process.loss(self.net["backbone"], z0, cond)  # the objective's: ddpm, edm or flow
+
+    def latents_of(self, batch: dict) -> Tensor:
+        """``z0`` of a batch: its images encoded by the first stage, or a latent cache's stored posterior
+        sampled (``data/latent_cache.py``: the same ``z0`` for the same random state, no encoder pass)."""
+        if LATENT_MEAN in batch:
+            return self.first_stage.from_posterior(batch[LATENT_MEAN], batch[LATENT_STD])
+        return self.first_stage.encode(batch["image"])
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         losses = self.diffusion_loss(batch)
@@ -143,7 +152,8 @@ class GenerativeModel(NetworkModule):
             if known_noise is not None:
                 options.update(known_noise=known_noise.to(x_T))
             out = entry.fn(denoise, self.process, x_T, cond, num_steps=request.steps, generator=generator,
-                           known_mask=known_mask, x0_known=x0_known, progress=request.progress, **options)
+                           known_mask=known_mask, x0_known=x0_known, progress=request.progress,
+                           callback=request.callback, **options)
             return self.first_stage.decode(out.sample).clamp(-1, 1)
         finally:
             net.train(was_training)

@@ -53,9 +53,16 @@ class Task:
     commands: ClassVar[frozenset[str]] = frozenset()  # generation commands that take its runs
     usage: ClassVar[str] = ""              # how its runs are used, for a refusal by another command
     batches_per_optimizer_step: ClassVar[int] = 1  # optimiser steps Lightning counts per training batch
+    trains_from_cache: ClassVar[bool] = False  # data.cache: its runs train from a `dforge cache` folder
 
     def check(self, config: ExperimentConfig) -> None:
         """Rules on the config that only the task knows; raises ConfigError."""
+        if config.data.cache is not None and not self.trains_from_cache:
+            takers = " or ".join(f"task={name}" for name, task in TASKS.items() if task.trains_from_cache)
+            raise ConfigError(f"data.cache: task={self.name} runs do not train from a latent cache ({takers} runs do)")
+        if config.data.cache is not None and config.model.first_stage != "autoencoder":
+            raise ConfigError("data.cache: a latent cache holds first-stage latents; this run is in pixel space "
+                              "(model.first_stage=identity)")
         optim = config.optim
         batches = config.trainer.max_steps // self.batches_per_optimizer_step
         if optim.schedule == "steps" and optim.lr_decay != "none" and batches <= optim.warmup_steps:
