@@ -120,14 +120,21 @@ def ema_multi_avg_fn(optim: OptimConfig):
     """``multi_avg_fn`` for ``torch.optim.swa_utils.AveragedModel``: lerp by ``1 - decay_k``.
 
     AveragedModel passes the number of updates done so far; its first update
-    copies the weights, so the k-th call here is update k.
+    copies the weights, so the k-th call here is update k. Under FSDP the
+    parameters are DTensors and the buffers plain tensors: each kind is lerped
+    on its own (a foreach op takes one kind).
     """
 
     @torch.no_grad()
     def update(ema: Sequence[Tensor], current: Sequence[Tensor], num_averaged: Tensor) -> None:
         weight = 1.0 - ema_decay_at(optim, int(num_averaged))
         if torch.is_floating_point(ema[0]) or torch.is_complex(ema[0]):
-            torch._foreach_lerp_(list(ema), list(current), weight)
+            kinds: dict[type, tuple[list[Tensor], list[Tensor]]] = {}
+            for e, c in zip(ema, current, strict=True):
+                kinds.setdefault(type(e), ([], []))[0].append(e)
+                kinds[type(e)][1].append(c)
+            for es, cs in kinds.values():
+                torch._foreach_lerp_(es, cs, weight)
         else:
             for e, c in zip(ema, current, strict=True):
                 e.copy_(e * (1.0 - weight) + c * weight)

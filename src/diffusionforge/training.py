@@ -34,6 +34,7 @@ from .errors import ConfigError
 from .machine import choose_precision, describe_machine, machine_line
 from .plotting import plot_after_fit
 from .run_lock import run_lock
+from .sharding import SHARDED, check_shardable, full_state, make_strategy
 from .runs import (CONFIG_FILE, create_run_dir, first_process, last_checkpoint, open_run, run_dir_for_workers,
                    write_summary, write_text_atomic)
 from .tasks import Task, task_of
@@ -74,7 +75,7 @@ def make_trainer(config: ExperimentConfig, run_dir: Path, progress: bool = True)
                                  every_n_train_steps=t.checkpoint_every_n_steps,
                                  enable_version_counter=False)
     return L.Trainer(
-        accelerator=t.accelerator, devices=t.devices, strategy=t.strategy,
+        accelerator=t.accelerator, devices=t.devices, strategy=make_strategy(t.strategy),
         num_nodes=t.num_nodes, precision=resolve_precision(t.precision), max_steps=t.max_steps,
         max_time=t.max_time, accumulate_grad_batches=t.accumulate_grad_batches,
         gradient_clip_val=config.optim.grad_clip or None,
@@ -116,7 +117,9 @@ def train(source: Optional[str] = None, overrides: Sequence[str] = (), resume: O
         precision, why = choose_precision(config.trainer.precision, machine)
         datamodule = ImageDataModule(config.data, seed=config.seed)
         datamodule.setup("fit")  # data errors surface before a run directory is made
+        L.seed_everything(config.seed, verbose=False)  # the initial weights too follow the seed
         config, model = task.build(config, datamodule)
+        check_shardable(config.trainer, model)
         max_time, budget = fit_time_limit(config.trainer.time_budget, config.trainer.max_time, model, started)
         if resumed is None:
             run_dir, config = create_run_dir(config)
@@ -151,6 +154,17 @@ def trainer_config(config: ExperimentConfig, model: L.LightningModule) -> Experi
     return replace(config, optim=replace(config.optim, grad_clip=0.0))
 
 
+def unsharded_copy(model: L.LightningModule, task: Task, config: ExperimentConfig, datamodule):
+    """On rank 0, a freshly built module holding the sharded ``model``'s full weights (and EMA); ``model``
+    itself elsewhere. Every rank must call it (the shards are gathered)."""
+    state = full_state(model)
+    if state is None:
+        return model
+    _, copy = task.build(config, datamodule)
+    copy.load_state_dict(state)
+    return copy
+
+
 def fit(config: ExperimentConfig, task: Task, model: L.LightningModule, datamodule, run_dir: Path,
         ckpt: Optional[Path], progress: bool, extra_summary: Optional[dict] = None) -> int:
     """Fit ``model``; then, on rank 0, the task's finish (weights, final grid), loss.png and the summary."""
@@ -159,9 +173,14 @@ def fit(config: ExperimentConfig, task: Task, model: L.LightningModule, datamodu
     start_step = StartStep()
     trainer.callbacks.append(start_step)
     start = time.time()
+    sharded = config.trainer.strategy.lower() == SHARDED
+    sample_dir, model.sample_dir = model.sample_dir, None if sharded else model.sample_dir
     with run_dir_for_workers(run_dir):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     wall = time.time() - start
+    if sharded:  # every rank gathers the shards; rank 0 exports them from an unsharded copy
+        model = unsharded_copy(model, task, config, datamodule)
+        model.sample_dir = sample_dir
     if not trainer.is_global_zero:
         return 0
     grid = task.finish(model, datamodule, run_dir, config)

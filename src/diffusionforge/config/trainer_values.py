@@ -24,6 +24,8 @@ STRATEGIES = ("auto", *_DDP_FLAVOURS,
               "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_2_offload",
               "deepspeed_stage_3", "deepspeed_stage_3_offload", "deepspeed_stage_3_offload_nvme",
               "fsdp", "fsdp_cpu_offload", "single_device", "single_xla", "xla_debug", "xla", "single_tpu")
+# accepted by Lightning, refused here: Lightning's FSDP1 with CPU offload (trainer.strategy=fsdp is FSDP2, sharding.py)
+UNSUPPORTED_STRATEGIES = {"fsdp_cpu_offload": "(Lightning's FSDP1) is not supported; use trainer.strategy=fsdp"}
 MAX_TIME_FORMAT = re.compile(r"^\d+:\d+:\d+:\d+$")  # DD:HH:MM:SS, as Lightning's Timer parses it
 DEVICE_LIST = re.compile(r"^\d+(,\d+)*,?$")  # GPU indices "0,1" (or "0," for device 0 only)
 
@@ -59,6 +61,8 @@ def check_trainer_values(config: Any) -> None:
     _one_of("precision", config.precision, PRECISIONS)
     _one_of("accelerator", config.accelerator, ACCELERATORS)
     _one_of("strategy", config.strategy, STRATEGIES, lower=True)  # Lightning lowercases it
+    if str(config.strategy).lower() in UNSUPPORTED_STRATEGIES:
+        raise ValueError(f"trainer.strategy: {config.strategy!r} {UNSUPPORTED_STRATEGIES[str(config.strategy).lower()]}")
     _check_devices(config.devices, config.accelerator)
     for key in ("max_time", "time_budget"):
         value = getattr(config, key, None)

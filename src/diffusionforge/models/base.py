@@ -137,6 +137,7 @@ class NetworkModule(BaseModule):
         self.initial_weights = "random"  # what the network starts from: random, or a run's (init_from, tasks/init.py)
         self.ema = AveragedModel(self.net, multi_avg_fn=ema_multi_avg_fn(optim), use_buffers=True)
         self.ema.requires_grad_(False)
+        self.activation_checkpointing = False  # recompute the backbone's blocks in backward (trainer.*, sharding.py)
 
     @property
     def num_classes(self) -> Optional[int]:
@@ -150,6 +151,16 @@ class NetworkModule(BaseModule):
         return self.ema.module if use_ema else self.net
 
     # ----------------------------------------------------------------- training
+    def sharded_parts(self) -> tuple[nn.Module, nn.Module]:
+        """(trained network, its EMA copy): what ``trainer.strategy=fsdp`` shards, block by block."""
+        return self.net, self.ema.module
+
+    def configure_model(self) -> None:
+        """Lightning's hook: activation checkpointing and FSDP sharding of the network (``sharding.py``)."""
+        from ..sharding import prepare_network
+
+        prepare_network(self, self.activation_checkpointing)
+
     def on_train_start(self) -> None:
         self.start_step = self.global_step
         cfg = self.optim_config
