@@ -65,6 +65,7 @@ GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;
 UINT8_HALF_RANGE = 127.5  # maps 8-bit values 0..255 onto [-1, 1]
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # Hugging Face imagefolder captions
 CAPTION_KEY = "caption"  # item key of a caption (conditioning.TextConfig.input_key's default)
+FLIPPED_KEYS = ("image", "source", "mask")  # the image-shaped keys of an item, flipped together
 PAIR_FOLDERS = ("source", "target", "mask")
 SIZE_STEP = 8  # a size read from the files is rounded down to a multiple of this (3 halvings)
 MAX_AUTO_SIZE = 64  # ... and capped at this (set data.image_size for more)
