@@ -30,6 +30,12 @@ test pairs, degraded as in training: PSNR, SSIM, FID and KID of the translations
 --steps, beside the degraded input (and bicubic upsampling for super-resolution):
   dforge evaluate runs/fashion-lbm-sr --num 10000 --steps 1 2 4
 
+folder runs (data.name=folder) are scored against all of the folder's images (it has no test split),
+on ImageNet EfficientNet-Lite0 features unless --features says otherwise; a text-to-image run
+(an imported Stable Diffusion, a captioned folder run) is prompted with the folder's captions,
+sample i with caption i mod N; --data DIR names the folder (an imported run records none):
+  dforge evaluate runs/sd15 --data coco-captions-subset --num 1000 --steps 25
+
 story runs (task=story, e.g. `dforge train fashion-arldm`) generate the first --num test stories
 from their captions (continuation runs: and their real first frame), frame by frame, and score
 FID per frame, caption accuracy (named / omitted class), position and size accuracy and identity
@@ -50,6 +56,9 @@ def add_parser(sub) -> None:
                    help="feature network for FID/KID: a shipped classifier (fashion-mnist, mnist), "
                         "efficientnet (ImageNet EfficientNet-Lite0) or inception (Inception-v3 from "
                         "local weights only); default: the classifier of the run's dataset")
+    p.add_argument("--data", metavar="DIR", default=None,
+                   help="diffusion runs: the images to score against instead of the run's data.root (an image "
+                        "folder; for an imported Stable Diffusion a caption folder, whose captions prompt the samples)")
     p.add_argument("--out", default=None, help="metrics file (default RUN_DIR/metrics.json)")
     p.set_defaults(handler=run)
 
@@ -64,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_file(args.out or Path(args.run_dir) / METRICS_FILE, JSON)
     options = EvalOptions(num=args.num, steps=args.steps, sampler=args.sampler, schedule=args.schedule, eta=args.eta,
                           guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                          use_ema=not args.raw, precision=args.precision, features=args.features)
+                          use_ema=not args.raw, precision=args.precision, features=args.features, data=args.data)
     record = task_of(config).evaluate(run_dir, config, options)
     out.parent.mkdir(parents=True, exist_ok=True)  # checked above: can be made
     write_json(out, record)

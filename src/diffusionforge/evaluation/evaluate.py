@@ -3,7 +3,11 @@
 Samples are generated for classes 0..K-1 in turn, in batches, from a seeded
 generator (the same command gives the same numbers). FID/KID are computed
 against the held-out test split on a feature network (``metrics.features``;
-by default the shipped classifier of the dataset family). That classifier
+by default the shipped classifier of the dataset family). An image folder
+(``data.name=folder``) has no test split: its samples are scored against all
+of the folder's images on ImageNet EfficientNet-Lite0 features by default, and
+a text-to-image run whose captions are not class names is prompted with the
+folder's captions (sample i: caption i mod N). That classifier
 also gives the class-conditional accuracy (the fraction of samples
 classified as the class they were generated for) and an Inception-style
 score (``metrics.classifier_score``).
@@ -30,6 +34,7 @@ from .protocol import EvalProtocol, git_commit
 
 CLASSIFIER_FOR_DATA = {"fashion-mnist-embedded": "fashion-mnist", "fashion-mnist": "fashion-mnist",
                        "mnist": "mnist"}
+FEATURES_FOR_DATA = {**CLASSIFIER_FOR_DATA, "folder": "efficientnet"}  # own images: ImageNet features
 
 
 @dataclass
@@ -45,7 +50,7 @@ class EvalResult:
 
 def choose_features(data_name: str, features: Optional[str]) -> str:
     """The feature network: ``features`` if given, else the classifier of the data family."""
-    name = features or CLASSIFIER_FOR_DATA.get(data_name)
+    name = features or FEATURES_FOR_DATA.get(data_name)
     if name is None:
         raise ConfigError(f"--features: no shipped classifier for data '{data_name}' "
                           f"(choose one of {', '.join(FEATURE_NAMES)})")
@@ -62,6 +67,25 @@ def split_images(config, split: str):
     if dataset is None:
         raise ConfigError(f"data.name: '{config.data.name}' has no {split} split to compare with")
     return dataset
+
+
+def reference_images(config):
+    """``(dataset, name)``: the real images samples are scored against: the source's test split, or for an
+    image folder (which has no test split) all of its images (``data.root``)."""
+    if config.data.name == "folder":
+        dataset = build_dataset(config.data.name, "train", root=config.data.root,
+                                image_size=config.data.image_size, channels=config.data.channels)
+        return dataset, f"folder {config.data.root}"
+    return split_images(config, "test"), f"{config.data.name}/test"
+
+
+def caption_prompts(reference, name: str) -> list[str]:
+    """The reference folder's captions: the prompts of a text-to-image run's samples (sample i: caption i mod N)."""
+    captions = getattr(reference, "captions", None)
+    if not captions:
+        raise ConfigError(f"this run is text-conditioned: it is scored against a caption folder, and {name} has "
+                          "no captions (metadata.jsonl / metadata.csv, or name.txt beside each image); give --data DIR")
+    return list(captions)
 
 
 def image_shape(config) -> tuple[int, int, int]:
@@ -82,20 +106,28 @@ def add_images(metrics: DistributionMetrics, dataset, real: bool, batch_size: in
 
 
 def evaluate_run(model: GenerativeModel, config, request: SampleRequest, num: int, seed: int,
-                 features: Optional[str] = None,
-                 batch_size: int = 125) -> tuple[EvalResult, EvalProtocol]:
-    """Generate ``num`` samples (classes in turn) and score them against the test split."""
+                 features: Optional[str] = None, batch_size: int = 125,
+                 caption_key: Optional[str] = None) -> tuple[EvalResult, EvalProtocol]:
+    """Generate ``num`` samples (classes in turn) and score them against ``reference_images``.
+
+    ``caption_key``: the batch key of a text-conditioned run whose captions are not made from class names
+    (an imported Stable Diffusion, a captioned folder run): sample i is prompted with the reference folder's
+    caption i mod N (COCO-style text-to-image FID)."""
     network = load_feature_network(choose_features(config.data.name, features))
     metrics = network.metrics(image_shape(config))
     classifier = accuracy_classifier(config)
     score = ClassifierScore(classifier, seed=seed) if classifier is not None else None
-    n_ref = add_images(metrics, split_images(config, "test"), True, batch_size)
+    reference, reference_name = reference_images(config)
+    prompts = None if caption_key is None else caption_prompts(reference, reference_name)
+    n_ref = add_images(metrics, reference, True, batch_size)
     correct, sampling_seconds = 0, 0.0
     generator = torch.Generator().manual_seed(seed)
     labels = torch.arange(num) % model.num_classes if model.num_classes else None
     for start in tqdm(range(0, num, batch_size), desc="evaluating"):
         n = min(batch_size, num - start)
         cond = {} if labels is None else model.label_batch(labels[start:start + n])
+        if prompts is not None:
+            cond[caption_key] = [prompts[i % len(prompts)] for i in range(start, start + n)]
         start_time = time.perf_counter()
         images = model.sample(cond, n, request, generator=generator)
         sampling_seconds += time.perf_counter() - start_time
@@ -116,7 +148,7 @@ def evaluate_run(model: GenerativeModel, config, request: SampleRequest, num: in
         guidance_channels=request.guidance_channels, seed=seed,
         weights="ema" if request.use_ema else "raw", precision=request.precision,
         features=network.name, features_sha256=network.sha256,
-        reference_split=f"{config.data.name}/test", reference_size=n_ref, git_commit=git_commit())
+        reference_split=reference_name, reference_size=n_ref, git_commit=git_commit())
     return result, protocol
 
 

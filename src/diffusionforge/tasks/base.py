@@ -44,6 +44,7 @@ class EvalOptions:
     use_ema: bool = True
     precision: str = "fp32"
     features: Optional[str] = None         # feature network for FID/KID; None = the dataset's classifier
+    data: Optional[str] = None             # diffusion runs: the data.root scored against (a folder; an imported SD's caption folder)
 
 
 class Task:

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from ..config.schema import ExperimentConfig
+from ..data.config import FOLDERS
 from ..errors import CheckpointError, ConfigError
 from ..models.generative import GenerativeModel, SampleRequest
 from ..processes.registry import build_process  # model.objective: ddpm | edm | flow
@@ -301,6 +302,18 @@ def sample_images(model: GenerativeModel, num: int, request: SampleRequest, clas
     return torch.cat(chunks), nrow
 
 
+def reference_data(config: ExperimentConfig, data: Optional[str]) -> ExperimentConfig:
+    """The run's config with ``--data DIR`` as ``data.root`` (the images `dforge evaluate` scores against); a
+    folder run without a folder (an imported pipeline) is a one-line error saying what to give."""
+    if data is not None:
+        config = dataclasses.replace(config, data=dataclasses.replace(config.data, root=data))
+    if config.data.name in FOLDERS and config.data.root is None:
+        what = "a caption folder" if config.model.conditioning.text is not None else "a folder of images"
+        raise ConfigError(f"dforge evaluate: this run records no data.root: give --data DIR, {what} to score "
+                          "its samples against (FID / KID)")
+    return config
+
+
 def one_step_count(steps: Optional[list[int]], default: int, what: str) -> int:
     """The single step count of ``--steps`` (a Gaussian run is scored at one)."""
     if steps is not None and len(steps) > 1:
@@ -327,9 +340,12 @@ class DiffusionTask(NetworkTask):
         steps = one_step_count(options.steps, 50, "diffusion")
         request = sample_request(config, options.sampler, steps, options.eta, options.guidance,
                                  options.use_ema, options.precision, schedule=options.schedule)
+        config = reference_data(config, options.data)
         model = self.load(run_dir, config, options.use_ema)
+        templated = model.labels is not None and model.labels.caption_template is not None
         result, protocol = evaluate_run(model, config, request, options.num, options.seed,
-                                        features=options.features, batch_size=options.batch_size)
+                                        features=options.features, batch_size=options.batch_size,
+                                        caption_key=None if templated else text_key(model))
         return metrics_record(result, protocol)
 
     def network(self, run_dir: Path, config: ExperimentConfig, kind: str):
