@@ -168,7 +168,7 @@ def test_only_the_task_registry_reads_config_task():
 
 
 @pytest.mark.parametrize("command", ["train", "sample", "evaluate", "story", "translate", "convert", "plot",
-                                     "presets", "main"])
+                                     "serve", "presets", "main"])
 def test_cli_modules_import_no_heavy_module_at_top_level(command):
     """A CLI module parses arguments, calls the library and prints: at import time it needs only the
     standard library and the torch-free helpers, so `dforge --help` is quick."""

@@ -30,7 +30,7 @@ from diffusionforge.config.loader import list_presets
 
 # third-party packages that cost from 0.1 s (numpy) to 4 s (lightning) to import on the 2-core machine
 HEAVY = ("torch", "lightning", "lightning_fabric", "pytorch_lightning", "torchmetrics", "numpy", "PIL",
-         "safetensors", "einops", "tqdm", "transformers", "diffusers", "h5py", "skimage", "scipy", "matplotlib")
+         "safetensors", "einops", "tqdm", "transformers", "diffusers", "h5py", "skimage", "scipy", "matplotlib", "gradio")
 TORCH_FREE_CONFIG_MODULES = ("backbones", "conditioning", "processes", "first_stage", "losses", "data")
 LAZY_PACKAGES = TORCH_FREE_CONFIG_MODULES
 
@@ -106,7 +106,7 @@ def test_dforge_help_lists_every_command(dforge):
     done = dforge("--help")
     assert done.returncode == 0 and done.stderr == ""
     assert done.stdout.startswith("usage: dforge")
-    for command in ("train", "sample", "translate", "story", "evaluate", "convert", "plot", "presets"):
+    for command in ("train", "sample", "translate", "story", "evaluate", "convert", "plot", "serve", "presets"):
         assert re.search(rf"^    {command}\b", done.stdout, re.MULTILINE), command
 
 

@@ -19,7 +19,7 @@ history of frame j + 1 encodes the generated frame, not a real one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -80,13 +80,16 @@ class StoryModel(GenerativeModel):
     @torch.no_grad()
     def generate(self, captions: Sequence[Sequence[str]], request: SampleRequest,
                  first_frames: Optional[Tensor] = None,
-                 generator: Optional[torch.Generator] = None) -> Tensor:
+                 generator: Optional[torch.Generator] = None,
+                 on_frame: Optional[Callable[[Tensor], None]] = None) -> Tensor:
         """Stories ``(B, n, C, H, W)`` in [-1, 1] for B lists of n <= F captions, frame by frame.
 
         A story shorter than the F frames trained on is padded with empty
         captions that are never seen (frame j attends to captions <= j only).
         ``first_frames`` ``(B, C, H, W)``: frame 0 is given and frames 1..n-1
         are generated (continuation; required by continuation models).
+        ``on_frame(frames)`` after each generated frame j: the stories so far ``(B, j + 1, C, H, W)``
+        (`dforge serve` shows the strip growing).
         """
         captions = [list(story) for story in captions]
         length = len(captions[0]) if captions else 0
@@ -107,6 +110,8 @@ class StoryModel(GenerativeModel):
         for j in range(start, length):
             batch = {"captions": padded, "frames": frames, "targets": [j]}
             frames[:, j] = self.sample(batch, count, request, generator=generator)
+            if on_frame is not None:
+                on_frame(frames[:, :j + 1])
         return frames[:, :length]
 
     @property

@@ -10,7 +10,7 @@ generates a story from captions (and a first frame for continuation runs);
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -74,14 +74,17 @@ def story_inputs(config: ExperimentConfig, captions: Sequence[str],
 
 
 def generate_stories(model: StoryModel, captions: list[str], request: SampleRequest, num: int = 1,
-                     first: Optional[torch.Tensor] = None, seed: int = 0, batch_size: int = 16) -> torch.Tensor:
-    """``num`` stories (num, n, C, H, W) in [-1, 1] from the same captions, from one seeded generator."""
+                     first: Optional[torch.Tensor] = None, seed: int = 0, batch_size: int = 16,
+                     on_frame: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
+    """``num`` stories (num, n, C, H, W) in [-1, 1] from the same captions, from one seeded generator
+    (``on_frame``: ``StoryModel.generate``'s, called for each batch of stories)."""
     generator = torch.Generator().manual_seed(seed)
     rows = []
     for start in range(0, num, batch_size):
         n = min(batch_size, num - start)
         given = None if first is None else first.expand(n, -1, -1, -1)
-        rows.append(model.generate([captions] * n, request, first_frames=given, generator=generator))
+        rows.append(model.generate([captions] * n, request, first_frames=given, generator=generator,
+                                   on_frame=on_frame))
     return torch.cat(rows)
 
 
