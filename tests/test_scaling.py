@@ -5,14 +5,19 @@ preset and a few steps; ``test_resume_ddp.py`` has the single-node DDP and
 kill-and-resume tests whose helpers these reuse.
 """
 
+import copy
 import csv
 import json
 import socket
 import subprocess
+import sys
 
 import pytest
 import torch
 
+from diffusionforge.cli.main import main
+from diffusionforge.sharding import blocks, checkpoint_blocks
+from test_cli import assert_one_line_error
 from test_resume_ddp import CLI, cli_env
 
 TWO_NODES = ["trainer.num_nodes=2", "trainer.devices=1", "trainer.strategy=ddp", "trainer.accelerator=cpu"]
@@ -95,3 +100,122 @@ def test_fsdp_trains_as_ddp_does(tmp_path, model, fsdp_only):
     summary = json.loads((tmp_path / "fsdp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2
     assert (tmp_path / "fsdp" / "model.safetensors").is_file()
+
+
+PROBE = """
+import os, sys
+import lightning as L
+import torch
+from diffusionforge import training
+from diffusionforge.cli.main import main
+
+
+def whole(value):
+    return value.full_tensor() if hasattr(value, "full_tensor") else value  # an FSDP shard: every rank gathers
+
+
+class Probe(L.Callback):
+    '''What the resumed fit starts from (after Lightning restored the checkpoint), saved by rank 0.'''
+
+    def on_train_start(self, trainer, module):
+        ema = {k: whole(v) for k, v in module.state_dict().items() if k.startswith("ema.")}
+        adam = {i: {k: whole(v) for k, v in s.items()}
+                for i, s in trainer.optimizers[0].state_dict()["state"].items()}
+        epoch_loop = trainer.fit_loop.epoch_loop
+        if trainer.is_global_zero:
+            torch.save({"step": trainer.global_step, "epoch": trainer.current_epoch, "ema": ema, "adam": adam,
+                        "batches_in_epoch": epoch_loop.batch_progress.current.ready,
+                        "batches_per_epoch": trainer.num_training_batches}, os.environ["PROBE_OUT"])
+
+
+make_trainer = training.make_trainer
+
+
+def probed_trainer(*args, **kwargs):
+    trainer = make_trainer(*args, **kwargs)
+    trainer.callbacks.append(Probe())
+    return trainer
+
+
+training.make_trainer = probed_trainer
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def processes(count: int, strategy: str) -> list[str]:
+    return ["trainer.accelerator=cpu", f"trainer.devices={count}", f"trainer.strategy={strategy}"]
+
+
+@pytest.mark.parametrize("strategy, before, after", [("ddp", 2, 1), ("fsdp", 1, 2)], ids=["ddp-2-to-1", "fsdp-1-to-2"])
+def test_resume_with_another_number_of_processes(tmp_path, strategy, before, after):
+    """The resumed fit starts at the saved step with the saved EMA and AdamW state, at the same place in the
+    epoch counted in images (8 batches per process and epoch on 2 processes, 16 on 1), and trains on."""
+    run_dir = tmp_path / "run"
+    first = subprocess.run(CLI + ["train", "tiny", f"run_dir={run_dir}", "trainer.max_steps=5",
+                                  "trainer.checkpoint_every_n_steps=5", "trainer.val_every_n_steps=100",
+                                  *processes(before, strategy), "--no-progress"],
+                           env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 5 and saved["world_size"] == before
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    resumed = subprocess.run([sys.executable, str(probe), "train", "--resume", str(run_dir), "trainer.max_steps=7",
+                              *processes(after, strategy if after > 1 else "auto"), "--no-progress"],
+                             env=dict(cli_env(), PROBE_OUT=str(tmp_path / "start.pt")),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    start = torch.load(tmp_path / "start.pt", weights_only=True)
+    assert start["step"] == 5 and start["epoch"] == saved["epoch"] == 0
+    assert start["batches_per_epoch"] == 16 // after
+    assert start["batches_in_epoch"] * after == 5 * before - (5 * before) % after  # the same images, whole batches
+    ema = {k: v for k, v in saved["state_dict"].items() if k.startswith("ema.")}
+    assert start["ema"].keys() == ema.keys()
+    for key, value in ema.items():
+        torch.testing.assert_close(start["ema"][key], value, rtol=0, atol=0, msg=key)
+    adam = saved["optimizer_states"][0]["state"]
+    assert start["adam"].keys() == adam.keys()
+    for index, state in adam.items():
+        for name, value in state.items():
+            torch.testing.assert_close(start["adam"][index][name], value, rtol=0, atol=0)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert (summary["resumed_from_step"], summary["global_step"], summary["world_size"]) == (5, 7, after)
+
+
+def test_activation_checkpointing_recomputes_each_block_with_the_same_gradients():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    from test_unet import _build, _randomise
+
+    plain = _randomise(_build()).train()
+    wrapped = copy.deepcopy(plain)
+    levels = len(plain.input_blocks) + 1 + len(plain.output_blocks)  # each input and output block, the middle one
+    assert checkpoint_blocks(wrapped) == len(blocks(plain)) == levels
+    assert sum(isinstance(m, CheckpointWrapper) for m in wrapped.modules()) == levels
+    assert wrapped.state_dict().keys() == plain.state_dict().keys()  # checkpoints and weights load either way
+    calls = {"plain": 0, "wrapped": 0}
+    blocks(plain)[1].register_forward_pre_hook(lambda *_: calls.__setitem__("plain", calls["plain"] + 1))
+    inner = blocks(wrapped)[1]  # inside its CheckpointWrapper
+    inner.register_forward_pre_hook(lambda *_: calls.__setitem__("wrapped", calls["wrapped"] + 1))
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 70])
+    kept = {}
+    for name, model in (("plain", plain), ("wrapped", wrapped)):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda a: sizes.append(a.numel()) or a, lambda a: a):
+            loss = model(x, t).square().mean()
+        kept[name] = sum(sizes)
+        loss.backward()
+    assert calls == {"plain": 1, "wrapped": 2}  # the block ran again in backward (pre-hooks: recompute stops early)
+    assert kept["wrapped"] < kept["plain"] / 4  # what backward keeps from the forward: the blocks' inputs only
+    for (name, p), q in zip(plain.named_parameters(), wrapped.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["fashion-vae", "trainer.strategy=fsdp"], "trainer.strategy=fsdp: AutoencoderModule"),
+    (["tiny", "trainer.strategy=fsdp_cpu_offload"], "trainer.strategy: 'fsdp_cpu_offload' (Lightning's FSDP1)"),
+])
+def test_what_cannot_be_sharded_is_one_line(tmp_path, capsys, args, fragment):
+    code = main(["train", *args, f"run_dir={tmp_path / 'run'}", "--no-progress"])
+    assert_one_line_error(code, capsys.readouterr().err, fragment)
+    assert not (tmp_path / "run").exists()

@@ -30,6 +30,7 @@ from .config.loader import DEFAULT_PRESET, config_to_yaml, load_config
 from .config.schema import ExperimentConfig, TrainerConfig
 from .data.datamodule import ImageDataModule
 from .divergence import NonFiniteGuard
+from .epoch_position import EpochPosition
 from .errors import ConfigError
 from .machine import choose_precision, describe_machine, machine_line
 from .plotting import plot_after_fit
@@ -84,7 +85,8 @@ def make_trainer(config: ExperimentConfig, run_dir: Path, progress: bool = True)
         num_sanity_val_steps=0, default_root_dir=run_dir,
         logger=make_loggers(t, run_dir),
         callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"),
-                   NonFiniteGuard(t.max_nonfinite_steps)],  # a diverging run stops before a bad step
+                   NonFiniteGuard(t.max_nonfinite_steps),  # a diverging run stops before a bad step
+                   EpochPosition()],  # a resume with another number of processes keeps its place in the epoch
         plugins=[AtomicCheckpointIO()],  # checkpoints: temp file + rename, last-prev.ckpt kept
         enable_progress_bar=progress, enable_model_summary=False,
     )
