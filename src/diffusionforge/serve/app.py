@@ -143,7 +143,9 @@ class Page:
 
 
 def run_list(label: str, names: list[str]) -> gr.Dropdown:
-    return gr.Dropdown(label=label, choices=names, value=names[0] if names else None, interactive=True)
+    # a run made after the page was built is taken too (ModelCache.locate checks every name)
+    return gr.Dropdown(label=label, choices=names, value=names[0] if names else None, interactive=True,
+                       allow_custom_value=True)
 
 
 def build_app(runs_dir: str | Path, scratch: Optional[str | Path] = None) -> gr.Blocks:
