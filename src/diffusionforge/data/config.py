@@ -265,12 +265,12 @@ class DataConfig:
         """A latent cache holds one fixed encoding per training image: nothing may change the image per epoch."""
         if not isinstance(self.cache, str) or not self.cache.strip():
             raise ConfigError(f"data.cache: must be the folder `dforge cache` wrote, got {self.cache!r}")
-        changing = {"hflip": self.hflip, "degradation": self.degradation is not None,
-                    "story": self.story is not None, "crop": self.crop == "random", "name": self.name == "shards"}
+        changing = {"hflip": self.hflip, "degradation": self.degradation is not None, "story": self.story is not None,
+                    "crop=random": self.crop == "random", "name=shards": self.name == "shards"}
         for key, used in changing.items():
             if used:
                 raise ConfigError(f"data.{key}: not used with data.cache (a cache holds one fixed encoding "
-                                  "of each training image)")
+                                  "of each training image of an indexed dataset)")
 
     def _check_story(self) -> None:
         """Story frames are the images: the canvas fixes image_size, stories are grey, no pairs or templates.
