@@ -15,6 +15,10 @@
 | ``stories``     | ``StoryDataset``: multi-frame stories of one Fashion-MNIST /  |
 |                 | MNIST instance with grammar captions (AR-LDM)                 |
 | ``story_hdf5``  | ``StoryHDF5Dataset``: PororoSV / FlintstonesSV in ARLDM's HDF5 |
+| ``shards``      | ``ShardStream``: webdataset tar shards (``data.name=shards``),|
+|                 | split across ranks / workers, resumable mid-epoch             |
+| ``shard_plan``  | which sample each rank / worker reads; the epoch position     |
+| ``shard_writer``| ``write_shards``: ``dforge shard`` (any dataset -> shards)     |
 | ``datamodule``  | the Lightning ``ImageDataModule``                             |
 
 Items are dicts ``{"image": float (C, H, W) in [-1, 1], "class_label": long ()}``.

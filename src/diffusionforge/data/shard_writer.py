@@ -24,6 +24,7 @@ them afresh. Shard layout and entries: ``shards.py``.
 from __future__ import annotations
 
 import os
+import tarfile
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -75,7 +76,7 @@ def write_split(dataset: Dataset, out: Path, split: str, shard_size: int, seed: 
     for first in range(0, len(order), shard_size):
         name = f"{split}/{SHARD_NAME.format(first // shard_size)}"
         chunk = order[first:first + shard_size]
-        with webdataset.TarWriter(str(out / name), encoder=False) as writer:
+        with webdataset.TarWriter(str(out / name), encoder=False, format=tarfile.USTAR_FORMAT) as writer:  # no PAX headers
             for index in chunk:
                 item = dataset[index]
                 keys |= set(item)

@@ -200,6 +200,8 @@ def prepare_first_stage(config: ExperimentConfig, datamodule):
         scale = cached_scale(datamodule)  # data.cache: the scale the cache was made with
     if scale is None:
         images = datamodule.train_set
+        if not hasattr(images, "__len__"):  # a stream (data.name=shards): its validation samples
+            images = datamodule.val_set
         count = min(latent.scale_images, len(images))
         batches = (torch.cat([_images_of(images[i]) for i in range(start, min(start + 256, count))])
                    for start in range(0, count, 256))
