@@ -35,13 +35,25 @@ def node_env(node_rank: int, port: int) -> dict:
                 WORLD_SIZE="2")
 
 
-def test_two_nodes_train_one_run_together(tmp_path):
+def node_command(launcher: str, node_rank: int, port: int, args: list[str]) -> tuple[list[str], dict]:
+    """One node's command and environment: Lightning's own (NODE_RANK, as SLURM-less clusters set it) or torchrun."""
+    if launcher == "env":
+        return CLI + args, node_env(node_rank, port)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}", "--no-python"]
+    return torchrun + CLI + args, cli_env()
+
+
+@pytest.mark.parametrize("launcher", ["env", "torchrun"])
+def test_two_nodes_train_one_run_together(tmp_path, launcher):
     run_dir = tmp_path / "run"
-    args = CLI + ["train", "tiny", f"run_dir={run_dir}", "trainer.max_steps=4", "trainer.val_every_n_steps=2",
-                  "trainer.checkpoint_every_n_steps=2", *TWO_NODES, "--no-progress"]
+    args = ["train", "tiny", f"run_dir={run_dir}", "trainer.max_steps=4", "trainer.val_every_n_steps=2",
+            "trainer.checkpoint_every_n_steps=2", *TWO_NODES, "--no-progress"]
     port = free_port()
-    nodes = [subprocess.Popen(args, env=node_env(rank, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for rank in (1, 0)]  # rank 1 first: it must not wait for rank 0's files
+    nodes = []
+    for rank in (1, 0):  # rank 1 first: it must not wait for rank 0's files
+        command, env = node_command(launcher, rank, port, args)
+        nodes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [node.communicate(timeout=300)[0] for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outputs)
     summary = json.loads((run_dir / "train_summary.json").read_text())
