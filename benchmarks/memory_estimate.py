@@ -75,18 +75,12 @@ def count(module: nn.Module) -> int:
 
 
 def frozen_sd_parts(text: bool) -> int:
-    """Parameters of SD v1's kl-f8 VAE (+ its CLIP text encoder), built on the meta device."""
-    import transformers
+    """Parameters of SD v1's kl-f8 VAE (+ its CLIP text encoder), counted on the meta device by
+    ``sd_import_size.py`` (which checks them against the published counts)."""
+    from sd_import_size import build_counts
 
-    from diffusionforge.first_stage.autoencoder import AutoencoderKL
-    from diffusionforge.interop.pipelines import sd_v1_text_config
-    from diffusionforge.interop.vae import sd_v1_vae_config
-
-    with torch.device("meta"):
-        total = count(AutoencoderKL(sd_v1_vae_config()))
-        if text:
-            total += count(transformers.CLIPTextModel(transformers.CLIPTextConfig(**sd_v1_text_config())))
-    return total
+    counts = build_counts()
+    return counts["VAE (AutoencoderKL)"] + (counts["CLIP text encoder"] if text else 0)
 
 
 def dit_xl_2() -> Network:
