@@ -43,6 +43,15 @@ def made(tmp_path_factory):
     return {"root": root, "vae": vae, "cache": cache, "overrides": overrides}
 
 
+@pytest.fixture(scope="module")
+def cached_run(made):
+    """`dforge train fashion-ldm-text ... data.cache=DIR` through the CLI."""
+    run_dir = made["root"] / "from-cache"
+    assert main(["train", TEXT, *made["overrides"], f"data.cache={made['cache']}", f"run_dir={run_dir}",
+                 "--no-progress"]) == 0
+    return run_dir
+
+
 def built(overrides):
     """(config, model, datamodule) as `dforge train` builds them."""
     config = load_config(TEXT, overrides)
@@ -106,11 +115,8 @@ def test_a_step_from_the_cache_has_the_loss_of_the_step_from_images(made, monkey
     assert not torch.allclose(cached_model.diffusion_loss(cached_batch).loss, got.loss)
 
 
-def test_train_from_the_cache_through_the_cli(made, capsys):
-    run_dir = made["root"] / "from-cache"
-    code, err = run_cli(capsys, "train", TEXT, *made["overrides"], f"data.cache={made['cache']}",
-                        f"run_dir={run_dir}", "--no-progress")
-    assert code == 0, err
+def test_train_from_the_cache_through_the_cli(made, cached_run, capsys):
+    run_dir = cached_run
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["data"]["cache"] == str(made["cache"])
     index = json.loads((made["cache"] / "index.json").read_text())
@@ -118,6 +124,27 @@ def test_train_from_the_cache_through_the_cli(made, capsys):
     assert (run_dir / "model.safetensors").is_file() and (run_dir / "samples" / "final.png").is_file()
     code, err = run_cli(capsys, "sample", run_dir, "--num", 2, "--steps", 2, "--out", made["root"] / "s.png")
     assert code == 0, err  # sampling decodes through the run's first stage as any latent run
+
+
+def test_cache_of_a_run_directory_uses_its_own_first_stage_and_text_encoder(made, cached_run, capsys):
+    """A run's own first-stage copy and text encoder (a run trained from a cache caches images again)."""
+    out = made["root"] / "cache-of-run"
+    code, err = run_cli(capsys, "cache", cached_run, "--out", out, "--no-progress")
+    assert code == 0, err
+    first, again = LatentCache(made["cache"]), LatentCache(out)
+    assert again.index.first_stage["source"] == str(cached_run / "first_stage.safetensors")
+
+    def without_source(record):
+        return {key: value for key, value in record.items() if key != "source"}
+
+    assert without_source(again.index.first_stage) == without_source(first.index.first_stage)
+    assert (again.index.text, again.index.dataset, again.index.tensors) == \
+        (first.index.text, first.index.dataset, first.index.tensors)
+    assert again.index.latent_scale == pytest.approx(first.index.latent_scale)
+    for key, tensor in first.latents.items():
+        torch.testing.assert_close(again.latents[key], tensor, atol=1e-5, rtol=1e-5)
+    for key, tensor in first.text.items():
+        torch.testing.assert_close(again.text[key], tensor, atol=1e-5, rtol=1e-5)
 
 
 def another_vae(made):
