@@ -141,6 +141,15 @@ def test_ours_to_diffusers_loads_in_diffusers_and_matches(tmp_path, capsys, kind
     _assert_same_outputs(kind, ours, _from_pretrained(kind, dst))
 
 
+def test_diffusers_unet_keeps_its_sample_size(tmp_path, capsys):
+    """diffusers -> diffusers: the UNet's sample_size (a pipeline's default latent side) is carried over."""
+    _theirs("unet").save_pretrained(tmp_path / "src")
+    dst = tmp_path / "dst"
+    code, _, err = _convert(capsys, tmp_path / "src", "--kind", "unet", "--to", "diffusers", "--out", dst)
+    assert code == 0, err
+    assert json.loads((dst / "config.json").read_text())["sample_size"] == 8
+
+
 @pytest.mark.parametrize("kind", ["vae", "unet"])
 def test_ours_round_trips_exactly(tmp_path, kind):
     ours = _ours(kind, seed=4)

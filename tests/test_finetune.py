@@ -32,7 +32,7 @@ from test_import import sd_pipeline  # noqa: F401  (the fixture)
 STEPS = 30  # optimiser steps of the fine-tuning run, as the issue asks
 FAST = ["trainer.accelerator=cpu", "trainer.log_every_n_steps=1", "trainer.val_every_n_steps=1000",
         "trainer.checkpoint_every_n_steps=1000", "optim.warmup_steps=0", "optim.lr=1e-3", "sample.steps=2",
-        "sample.per_class=2", "data.batch_size=4", "data.num_workers=0", "data.caption_template=null"]
+        "sample.per_class=2", "data.batch_size=4", "data.num_workers=0"]  # no data.caption_template=null: an import records none
 
 
 def caption_folder(root, count=16, size=16):
@@ -65,6 +65,7 @@ def test_finetune_imported_sd_and_export_to_diffusers(sd_pipeline, imported, tmp
     assert _train(imported, folder, out) == 0
     _, config = open_run(out)
     assert config.init_from == str(imported.resolve())
+    assert open_run(imported)[1].data.caption_template is None  # the folder's own captions: no override needed
     assert "init_from: " + str(imported.resolve()) in (out / "config.yaml").read_text()
 
     with open(out / "logs" / "version_0" / "metrics.csv") as f:
@@ -86,6 +87,7 @@ def test_finetune_imported_sd_and_export_to_diffusers(sd_pipeline, imported, tmp
 
     unet_dir = tmp_path / "unet"
     assert main(["convert", str(out), "--kind", "unet", "--to", "diffusers", "--out", str(unet_dir)]) == 0
+    assert json.loads((unet_dir / "config.json").read_text())["sample_size"] == 8  # the run's latent side
     unet = diffusers.UNet2DConditionModel.from_pretrained(unet_dir).eval()
     tuned = diffusers.StableDiffusionPipeline(**{**pipe.components, "unet": unet})
     tuned.set_progress_bar_config(disable=True)

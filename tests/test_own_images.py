@@ -280,6 +280,19 @@ def test_bridge_trains_on_a_paired_folder(tmp_path):
     assert (recorded["image_size"], recorded["channels"], recorded["val_size"]) == (16, 3, 1)
 
 
+def test_bridge_trains_on_a_captioned_folder(tmp_path):
+    """A bridge run (degradations made on the fly) on a folder with captions: the captions (lists of strings)
+    travel in the batches and its grids (they crashed the grid's move to the device)."""
+    root = tmp_path / "captioned"
+    for i in range(6):
+        write(root / f"{i}.png", (16, 16), seed=i)
+        (root / f"{i}.txt").write_text(f"a photo of thing {i}")
+    run = tmp_path / "run"
+    assert main(["train", "photo-lbm-denoise", "data.name=folder", f"data.root={root}", "trainer.max_steps=1",
+                 "trainer.max_time=null", "optim.warmup_steps=0", f"run_dir={run}", "--no-progress"]) == 0
+    assert Image.open(run / "samples" / "final.png").mode == "RGB"
+
+
 def test_text_conditioning_needs_a_captioned_folder(tmp_path):
     text = ["model.conditioning.class_label=null", "model.conditioning.text.encoder=clip"]
     for i in range(4):

@@ -171,6 +171,39 @@ def test_noise_is_one_whole_request_draw_whatever_the_batch_size(tiny_model):
     assert torch.equal(a, direct)
 
 
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 1.0), ("euler_ancestral", 0.0),
+                                          ("dpmpp_2m_sde", 0.0)])
+def test_stochastic_samplers_do_not_depend_on_the_batch_size(tiny_model, sampler, eta):
+    """Fresh step noise: sample i's from its own generator (``row_generators``), seeded from the seed and i."""
+    config, model = tiny_model
+    request = sample_request(config, sampler, 4, eta=eta, guidance=2.0)
+    a, _ = sample_images(model, 5, request, seed=3, batch_size=5, progress=False)
+    b, _ = sample_images(model, 5, request, seed=3, batch_size=2, progress=False)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    c, _ = sample_images(model, 3, request, seed=3, batch_size=1, progress=False)
+    torch.testing.assert_close(c, a[:3], atol=1e-6, rtol=0)  # a shorter request: the same first samples
+    d, _ = sample_images(model, 5, request, seed=4, batch_size=5, progress=False)
+    assert (a - d).abs().amax(dim=(1, 2, 3)).min() > 0.1  # another seed: other noise
+    deterministic, _ = sample_images(model, 5, sample_request(config, "ddim", 4, guidance=2.0), seed=3,
+                                     progress=False)
+    assert (a - deterministic).abs().max() > 0.1  # the step noise acts
+    image = randn(5, (1, 1, 28, 28)).clamp(-1, 1)
+    mask = (torch.arange(28) < 14).float().expand(1, 1, 28, 28)
+    e, _ = sample_images(model, 4, request, seed=3, batch_size=4, progress=False, init_image=image, mask=mask)
+    f, _ = sample_images(model, 4, request, seed=3, batch_size=3, progress=False, init_image=image, mask=mask)
+    torch.testing.assert_close(e, f, atol=1e-6, rtol=0)
+
+
+def test_row_noise_draws_row_i_from_generator_i():
+    from diffusionforge.samplers.loop import randn as sampler_randn
+
+    x = torch.zeros(3, 2, 4, 4)
+    rows = sampler_randn(x, [torch.Generator().manual_seed(s) for s in (5, 6, 7)])
+    assert torch.equal(rows[1], torch.randn((2, 4, 4), generator=torch.Generator().manual_seed(6)))
+    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+        sampler_randn(x, [torch.Generator(), torch.Generator()])
+
+
 def test_img2img_strength_zero_returns_the_image_and_mask_keeps_pixels(tiny_model):
     config, model = tiny_model
     request = sample_request(config, "ddim", 5, guidance=2.0)

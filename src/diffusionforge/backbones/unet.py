@@ -73,6 +73,9 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = config
+        # the input side it works at, when known (a run's image / latent side; diffusers' ``sample_size``, which
+        # a pipeline takes as its default height / vae_scale_factor); written to an exported config.json
+        self.sample_size: Optional[int] = None
         mc = config.model_channels
         self.time_embed_dim = 4 * mc
         self.time_embed = mlp_embedder(mc, self.time_embed_dim)

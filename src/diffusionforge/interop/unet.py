@@ -403,14 +403,17 @@ def load_diffusers_unet(directory: str | Path) -> UNet:
         raise CheckpointError(f"{weights_path}: {err}") from None
     unet = UNet(config)
     load_checked(unet, state, str(weights_path), "UNet", name=_key_renamer(config, to_diffusers=True))
+    unet.sample_size = config_json.get("sample_size")
     return unet.eval()
 
 
 def save_diffusers_unet(unet: UNet, directory: str | Path, *, sample_size: Optional[int] = None) -> Path:
     """Write ``unet`` as a diffusers ``UNet2DConditionModel`` folder (config.json + safetensors); return it.
 
-    ``sample_size`` (latent pixels) is only a pipeline default; None leaves it unset.
+    ``sample_size`` (latent pixels) is only a pipeline default; None: the UNet's own ``sample_size`` (a run's
+    latent side, a diffusers folder's value), unset when that is unknown too.
     """
+    sample_size = getattr(unet, "sample_size", None) if sample_size is None else sample_size
     config_json = unet_config_to_diffusers(unet.config, sample_size=sample_size)
     return write_diffusers_folder(directory, config_json, unet_state_dict_to_diffusers(unet.state_dict(), unet.config))
 

@@ -147,7 +147,7 @@ class BridgeModel(NetworkModule):
 
     def grid_rows(self, batch: dict, seed: int = 0) -> tuple[Tensor, int]:
         """Rows of a grid: source, translation at 1 step (and at ``sample_steps`` if more), target."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}  # captions stay lists
         target = batch[self.target_key]
         rows = [self.source_images(batch, target.shape[-2:])]
         for steps in sorted({1, self.sample_steps}):

@@ -120,7 +120,9 @@ class GenerativeModel(NetworkModule):
         batch: conditioning inputs keyed like a training batch (e.g.
         ``{"class_label": (num,)}``); empty for an unconditional model.
         noise: the starting noise ``(num, *latent_shape)``; by default drawn
-        from ``generator`` on the model's device.
+        from ``generator`` on the model's device. ``generator`` may also be a
+        list of ``num`` generators, one per sample, for the samplers' fresh
+        noise (``samplers.loop.randn``; then give ``noise``).
         negative: batch entries the unconditional branch of classifier-free
         guidance encodes instead of dropping them (``{"caption": negative
         prompts}``: diffusers' ``negative_prompt``).

@@ -36,7 +36,7 @@ reached, instead of with fresh noise before each step.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -69,8 +69,21 @@ class SampleOutput(NamedTuple):
 StepFn = Callable[[Tensor, int, int, int], StepOutput]
 
 
-def randn(shape_like: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """Standard normal noise shaped like ``shape_like``, drawn from ``generator`` (on its device)."""
+# A sampler's source of fresh noise: one generator for the batch, or one per row (diffusers' list of
+# generators): then row i's noise depends on its own generator only, not on the batch it is drawn in.
+Generators = Union[torch.Generator, Sequence[torch.Generator], None]
+
+
+def randn(shape_like: Tensor, generator: Generators) -> Tensor:
+    """Standard normal noise shaped like ``shape_like`` (B, ...): drawn from ``generator`` on x's device, or
+    with a list of B generators row i from generator i on that generator's device (as diffusers'
+    ``randn_tensor`` with a list), then moved to x's device."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape_like.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape_like.shape[0]}")
+        rows = [torch.randn(shape_like.shape[1:], generator=g, device=g.device, dtype=shape_like.dtype)
+                for g in generator]
+        return torch.stack(rows).to(shape_like.device)
     return torch.randn(shape_like.shape, generator=generator, device=shape_like.device, dtype=shape_like.dtype)
 
 

@@ -268,8 +268,9 @@ def sample_images(model: GenerativeModel, num: int, request: SampleRequest, clas
 
     The noise is drawn as diffusers' pipelines draw it on the CPU: one
     ``torch.randn((num, C, h, w), generator=torch.Generator().manual_seed(seed))`` for the whole request,
-    then split into batches of ``batch_size`` (which therefore does not change the images); samplers
-    that draw more noise go on drawing from the same generator. ``prompt`` / ``negative_prompt``:
+    then split into batches of ``batch_size``. Samplers that draw fresh noise at each step (ddpm, DDIM
+    with eta > 0, ancestral, SDE, churn) draw sample i's from its own generator (``row_generators``), so
+    ``batch_size`` changes no image. ``prompt`` / ``negative_prompt``:
     captions of a text-conditioned run (``conditioning_batches``). ``init_image`` (1, C, H, W) in
     [-1, 1]: image-to-image at ``strength`` (default 0.8; with ``mask`` 1.0), the image encoded (its
     posterior sample drawn before the noise, as diffusers' img2img does) and noised to the sampler's step
@@ -288,16 +289,17 @@ def sample_images(model: GenerativeModel, num: int, request: SampleRequest, clas
         strength = (1.0 if mask is not None else 0.8) if strength is None else strength
         z_init = model.encode_images(init_image, generator)
     noise = torch.randn((num, *model.latent_shape), generator=generator)  # diffusers: one draw, on the CPU
+    rows = row_generators(seed, num)
     chunks = []
     for start in tqdm(range(0, num, batch_size), desc="sampling", file=sys.stderr, disable=not progress):
         n = min(batch_size, num - start)
         batch, negative = batch_of(start, n)
         if init_image is None:
-            chunks.append(model.sample(batch, n, request, generator=generator, noise=noise[start:start + n],
-                                       negative=negative))
+            chunks.append(model.sample(batch, n, request, generator=rows[start:start + n],
+                                       noise=noise[start:start + n], negative=negative))
         else:
-            chunks.append(model.img2img(batch, init_image, request, strength, generator=generator, mask=mask,
-                                        noise=noise[start:start + n], z_init=z_init, negative=negative))
+            chunks.append(model.img2img(batch, init_image, request, strength, generator=rows[start:start + n],
+                                        mask=mask, noise=noise[start:start + n], z_init=z_init, negative=negative))
     nrow = model.num_classes if labels is not None and class_label is None else None
     return torch.cat(chunks), nrow
 
@@ -312,6 +314,13 @@ def reference_data(config: ExperimentConfig, data: Optional[str]) -> ExperimentC
         raise ConfigError(f"dforge evaluate: this run records no data.root: give --data DIR, {what} to score "
                           "its samples against (FID / KID)")
     return config
+
+
+def row_generators(seed: int, num: int) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded with the first ``num`` 63-bit integers drawn from ``seed``: sample
+    i's step noise depends on the seed and i only (not on the batch size, nor on the request's size)."""
+    seeds = torch.randint(2**63 - 1, (num,), generator=torch.Generator().manual_seed(seed))
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
 def one_step_count(steps: Optional[list[int]], default: int, what: str) -> int:
@@ -355,13 +364,15 @@ class DiffusionTask(NetworkTask):
         if config.model.backbone != kind:
             raise CheckpointError(f"{run_dir}: kind mismatch: this run's backbone is a {config.model.backbone} "
                                   f"(pass --kind {config.model.backbone})")
-        net = self.load(run_dir, config).sampling_net()
+        model = self.load(run_dir, config)
+        net = model.sampling_net()
         if config.model.lora.rank:  # a LoRA run converts with its adapters merged into the weights
             from ..backbones.lora import merged_backbone
 
             net["backbone"] = merged_backbone(net["backbone"])
         if kind == "dit":
             return label_dit_of_run(run_dir, net), "diffusion run (EMA weights)"
+        net["backbone"].sample_size = model.latent_shape[-1]  # the latent (or image) side the run samples
         return net["backbone"], "diffusion run (EMA weights)"
 
 

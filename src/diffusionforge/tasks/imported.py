@@ -294,8 +294,7 @@ def _run_config(src: Path, image_size: int, scale: float, settings: pipes.Schedu
     return ExperimentConfig(
         name=f"imported-{name}",
         task="diffusion",
-        data=DataConfig(name="folder", image_size=image_size, channels=3,
-                        caption_template="{}" if model["conditioning"].text is not None else None),
+        data=DataConfig(name="folder", image_size=image_size, channels=3),  # a folder's own captions, no template
         model=ModelConfig(objective="ddpm", process=GaussianDiffusionConfig(**settings.process),
                           first_stage="autoencoder", latent=LatentConfig(scale_factor=float(scale)), **model),
         sample=SampleConfig(guidance=guidance, **settings.sample),
