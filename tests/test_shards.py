@@ -263,3 +263,31 @@ def test_a_shard_corrupted_mid_stream_is_one_line_from_a_worker(tmp_path):
         list(DataLoader(data, batch_size=5, num_workers=2))
     message = one_line(caught.value)
     assert "shard-000002.tar" in message and "\n" not in message
+
+
+def test_a_run_on_shards_degrades_and_captions_its_images_afresh(fashion_shards):
+    """data.degradation and data.caption_template apply to the shards' images as to the source's."""
+    config = DataConfig(name="shards", root=str(fashion_shards), batch_size=4, caption_template="a photo of {}",
+                        degradation={"kind": "inpainting"}, hflip=True)
+    datamodule = ImageDataModule(config)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["source"].shape == batch["image"].shape == (4, 1, 28, 28) and batch["mask"].shape == (4, 1, 28, 28)
+    assert batch["caption"][0] == f"a photo of {read_index(str(fashion_shards)).class_names[batch['class_label'][0]]}"
+    val = datamodule.val_set[0]
+    assert set(val) == {"image", "class_label", "caption", "source", "mask"}
+    assert torch.equal(val["source"], datamodule.val_set[0]["source"])  # validation pairs are fixed
+    assert datamodule.num_classes == 10 and not datamodule.has_captions and datamodule.config.val_size == 6
+
+
+def test_a_pipe_url_streams_the_same_shards(fashion_shards):
+    """data.root may be any URL webdataset's gopen opens; a pipe: command gets each file's path appended."""
+    local = ShardSet(DataConfig(name="shards", root=str(fashion_shards)), seed=0)
+    piped = ShardSet(DataConfig(name="shards", root=f"pipe:cat {fashion_shards}"), seed=0)
+    assert piped.index == local.index and len(piped.val) == len(local.val) == 6
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(piped.val, local.val))
+    data = piped.stream(0, 1)
+    data.decode = key_of
+    held_out = [raw["__key__"] for raw, _ in zip(read_shard(piped.index.urls(str(fashion_shards), "train")[0]),
+                                                  range(6))]
+    assert sorted(int(k) for k in [*data, *held_out]) == list(range(120))  # one batch of the 114 not held out
