@@ -102,3 +102,31 @@ def test_lora_config_errors_are_one_line(imported, tmp_path, capsys):  # noqa: F
     assert main([*common, f"init_from={imported}", "model.lora.targets=[qkv]", f"run_dir={tmp_path / 'b'}"]) != 0
     assert "'qkv' is not an attention projection of the unet backbone" in error_line(capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_dit_adapters_on_qkv_and_proj_merge_exactly():
+    """DiT: adapters on every block's fused qkv and proj only (not x_embedder.proj); merged = adapted."""
+    from diffusionforge.backbones.config import DiTConfig, LoRAConfig
+    from diffusionforge.backbones.dit import DiT
+    from diffusionforge.backbones.lora import add_lora, lora_layers, merged_backbone
+
+    torch.manual_seed(0)
+    dit = DiT(DiTConfig(in_channels=4, out_channels=4, input_size=8, patch_size=2, hidden_size=32, depth=2,
+                        num_heads=2))
+    with torch.no_grad():  # adaLN-Zero starts at zero: make every block act
+        for p in dit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    dit = add_lora(dit, LoRAConfig(rank=2, alpha=3.0, targets=["qkv", "proj"]), "dit")
+    assert sorted(lora_layers(dit)) == [f"blocks.{i}.attn.{n}" for i in range(2) for n in ("proj", "qkv")]
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([3, 500])
+    with torch.no_grad():
+        before = dit(x, t)
+        for _, lora_b, _ in lora_layers(dit).values():
+            lora_b.normal_()
+        adapted = dit(x, t)
+        merged = merged_backbone(dit)(x, t)
+    assert (adapted - before).abs().max() > 1e-3
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="'to_q' is not an attention projection of the dit backbone"):
+        add_lora(DiT(DiTConfig(in_channels=4, out_channels=4, input_size=8, patch_size=2, hidden_size=32,
+                               depth=1, num_heads=2)), LoRAConfig(rank=2, targets=["to_q"]), "dit")
