@@ -94,8 +94,10 @@ class ShardIndex:
                 raise ValueError(f"not a {FORMAT} version {VERSION} index")
             index = cls(**record)
             if not all(isinstance(s["file"], str) and int(s["count"]) >= 0 for v in index.splits.values()
-                       for s in v) or index.channels not in PIL_MODES or set(index.fields) - set(FIELDS):
-                raise ValueError("bad shard list, channels or fields")
+                       for s in v) or set(index.splits) - set(SPLITS):
+                raise ValueError("bad shard list")
+            if index.channels not in PIL_MODES or set(index.fields) - set(FIELDS):
+                raise ValueError("bad channels or fields")
         except (ValueError, TypeError, KeyError, AttributeError) as err:
             raise DataError(f"{where}: not a shard index ({str(err).splitlines()[0]})") from None
         return index
@@ -242,10 +244,13 @@ class Decoder:
             raise DataError(f"{where}: sample has no .png image")
         mode = PIL_MODES[self.channels]
         item = {"image": to_tensor(self.image(raw["png"], mode, where), self.channels)}
-        if "cls" in raw:
-            item["class_label"] = torch.tensor(int(raw["cls"]), dtype=torch.long)
-        if "json" in raw:
-            item.update(json.loads(raw["json"]))
+        try:
+            if "cls" in raw:
+                item["class_label"] = torch.tensor(int(raw["cls"]), dtype=torch.long)
+            if "json" in raw:
+                item.update(json.loads(raw["json"]))
+        except (ValueError, UnicodeDecodeError) as err:
+            raise DataError(f"{where}: bad .cls or .json entry ({err.__class__.__name__})") from None
         if self.caption_template is not None and "class_label" in item:
             item["caption"] = make_captions(self.caption_template, self.class_names, [item["class_label"]])[0]
         if "source.png" in raw:
