@@ -32,7 +32,8 @@ EXAMPLES = """examples:
 def add_parser(sub) -> None:
     p = sub.add_parser("shard", help="write a dataset as tar shards (data.name=shards)", description=DESCRIPTION,
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("args", nargs="+", metavar="SRC [key=value ...]", help="preset name or YAML file, then overrides")
+    p.add_argument("source", metavar="SRC", help="a preset name or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. data.root=photos/)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder to write (must not hold shards yet)")
     p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard (default 1000)")
     p.add_argument("--split", choices=("train", "val", "all"), default="train",
@@ -41,11 +42,9 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .train import split_args
-
-    source, overrides = split_args(args.args)
-    if source is None:
-        raise ConfigError(f"{args.args[0]!r}: SRC comes first (a preset name or a YAML file), then key=value")
+    source, overrides = args.source, args.overrides
+    if "=" in source or any("=" not in o for o in overrides):
+        raise ConfigError("dforge shard: SRC (a preset name or a YAML file) comes first, then key=value overrides")
     if args.shard_size < 1:
         raise ConfigError(f"--shard-size: must be >= 1, got {args.shard_size}")
     from ..config.loader import load_config
