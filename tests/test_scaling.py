@@ -81,7 +81,7 @@ def train_two_processes(run_dir, strategy: str, *overrides: str, steps: int = 3)
     result = subprocess.run(
         CLI + ["train", "tiny", f"run_dir={run_dir}", f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
                "trainer.devices=2", f"trainer.strategy={strategy}", "trainer.log_every_n_steps=1",
-               f"trainer.checkpoint_every_n_steps={steps}", "trainer.val_every_n_steps=2", *overrides,
+               f"trainer.checkpoint_every_n_steps={steps}", "trainer.val_every_n_steps=100", *overrides,
                "--no-progress"],
         env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -102,6 +102,14 @@ def write_json(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def check_launched_run_dir(config: ExperimentConfig) -> None:
+    """A run that an external launcher starts as several processes names its directory: the processes could
+    not agree on a time-stamped one."""
+    if config.run_dir is None and (launched_rank() > 0 or launched_world_size() > 1):
+        raise ConfigError("run_dir: a run launched as several processes (torchrun, srun, NODE_RANK) needs "
+                          "run_dir=PATH, the same on every node, on a filesystem they all share")
+
+
 def create_run_dir(config: ExperimentConfig) -> tuple[Path, ExperimentConfig]:
     """Make a new run directory and write the resolved config into it.
 
@@ -114,11 +122,8 @@ def create_run_dir(config: ExperimentConfig) -> tuple[Path, ExperimentConfig]:
     inherited = os.environ.get(RUN_DIR_ENV)
     if inherited:
         return Path(inherited), replace(config, run_dir=inherited)
-    rank = launched_rank()
-    if config.run_dir is None and (rank > 0 or launched_world_size() > 1):
-        raise ConfigError("run_dir: a run launched as several processes (torchrun, srun, NODE_RANK) needs "
-                          "run_dir=PATH, the same on every node, on a filesystem they all share")
-    if rank > 0:
+    check_launched_run_dir(config)
+    if launched_rank() > 0:
         run_dir = Path(config.run_dir).resolve()
         return run_dir, replace(config, run_dir=str(run_dir))
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -36,8 +36,8 @@ from .machine import choose_precision, describe_machine, machine_line
 from .plotting import plot_after_fit
 from .run_lock import run_lock
 from .sharding import SHARDED, check_shardable, full_state, make_strategy
-from .runs import (CONFIG_FILE, create_run_dir, first_process, last_checkpoint, open_run, run_dir_for_workers,
-                   write_summary, write_text_atomic)
+from .runs import (CONFIG_FILE, check_launched_run_dir, create_run_dir, first_process, last_checkpoint, open_run,
+                   run_dir_for_workers, write_summary, write_text_atomic)
 from .tasks import Task, task_of
 
 
@@ -111,6 +111,7 @@ def train(source: Optional[str] = None, overrides: Sequence[str] = (), resume: O
             ckpt = resumed.path
         else:
             config = load_config(source or DEFAULT_PRESET, overrides)
+            check_launched_run_dir(config)  # before the data is read
             ckpt = resumed = None
         task = task_of(config)
         task.check(config)
