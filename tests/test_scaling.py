@@ -111,6 +111,7 @@ def test_fsdp_trains_as_ddp_does(tmp_path, model, fsdp_only):
         torch.testing.assert_close(adam_fsdp[index]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-10)
     summary = json.loads((tmp_path / "fsdp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2
+    assert summary["activation_checkpointed_blocks"] == (2 if fsdp_only else 0)  # the tiny DiT's 2 blocks
     assert (tmp_path / "fsdp" / "model.safetensors").is_file()
 
 

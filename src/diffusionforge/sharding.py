@@ -136,7 +136,7 @@ def prepare_network(module, activation_checkpointing: bool) -> None:
     if mesh is not None:
         broadcast_from_rank0(module)
     if activation_checkpointing:
-        checkpoint_blocks(trained)
+        module.checkpointed_blocks = checkpoint_blocks(trained)
     if mesh is not None:
         shard(trained, ema, mesh["data_parallel"])
         unsharded = [name for name, p in module.named_parameters() if p.requires_grad and not is_sharded(p)]

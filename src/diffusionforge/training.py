@@ -178,9 +178,12 @@ def fit(config: ExperimentConfig, task: Task, model: L.LightningModule, datamodu
     start = time.time()
     sharded = config.trainer.strategy.lower() == SHARDED
     sample_dir, model.sample_dir = model.sample_dir, None if sharded else model.sample_dir
+    if config.trainer.activation_checkpointing:  # applied in the module's configure_model (sharding.py)
+        model.activation_checkpointing = True
     with run_dir_for_workers(run_dir):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
     wall = time.time() - start
+    checkpointed = getattr(model, "checkpointed_blocks", 0)
     if sharded:  # every rank gathers the shards; rank 0 exports them from an unsharded copy
         model = unsharded_copy(model, task, config, datamodule)
         model.sample_dir = sample_dir
@@ -191,7 +194,7 @@ def fit(config: ExperimentConfig, task: Task, model: L.LightningModule, datamodu
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {"wall_time_s": round(wall, 1), "global_step": trainer.global_step,
                "resumed_from_step": start_step.step, "peak_rss_mb": round(peak_mb, 1),
-               "world_size": trainer.world_size,
+               "world_size": trainer.world_size, "activation_checkpointed_blocks": checkpointed,
                "steps_per_s": round((trainer.global_step - start_step.step) / max(wall, 1e-9), 3),
                **(extra_summary or {})}
     write_summary(run_dir, summary)

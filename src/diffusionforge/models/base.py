@@ -138,6 +138,7 @@ class NetworkModule(BaseModule):
         self.ema = AveragedModel(self.net, multi_avg_fn=ema_multi_avg_fn(optim), use_buffers=True)
         self.ema.requires_grad_(False)
         self.activation_checkpointing = False  # recompute the backbone's blocks in backward (trainer.*, sharding.py)
+        self.checkpointed_blocks = 0  # how many blocks configure_model wrapped for that
 
     @property
     def num_classes(self) -> Optional[int]:
