@@ -72,20 +72,20 @@ def cache(source: str, out: str | Path, overrides: Sequence[str] = (), batch_siz
 
 def frozen_model(source: str, overrides: Sequence[str]) -> tuple[ExperimentConfig, object, ImageDataModule, str]:
     """(config, model, datamodule set up for fit, where its first stage came from) of RUN_OR_CONFIG."""
-    run = Path(source)
-    if run.is_dir() and (run / CONFIG_FILE).is_file():
-        run_dir, config = open_run(run, overrides)
-        config = images_config(config)
-        task = cache_task(config, str(run_dir))
-        datamodule = ImageDataModule(config.data, seed=config.seed)
-        datamodule.setup("fit")
-        return config, task.load(run_dir, config, use_ema=False), datamodule, str(run_dir / FIRST_STAGE_WEIGHTS)
-    config = images_config(load_config(source, overrides))
+    run_dir = Path(source)
+    is_run = run_dir.is_dir() and (run_dir / CONFIG_FILE).is_file()
+    if is_run:
+        run_dir, config = open_run(run_dir, overrides)
+    else:
+        config = load_config(source, overrides)
+    config = images_config(config)
     task = cache_task(config, source)
     task.check(config)
     datamodule = ImageDataModule(config.data, seed=config.seed)
     datamodule.setup("fit")
-    config, model = task.build(config, datamodule)
+    if is_run:  # the run's own first-stage copy, latent scale and text encoder
+        return config, task.load(run_dir, config, use_ema=False), datamodule, str(run_dir / FIRST_STAGE_WEIGHTS)
+    config, model = task.build(config, datamodule)  # as `dforge train` builds it (the scale estimated)
     latent = config.model.latent
     return config, model, datamodule, str(latent.run_dir or latent.vae_dir or config.init_from)
 

@@ -39,7 +39,7 @@ def check_out(out: str) -> Path:
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not (path / "index.json").is_file():
+    if path.is_dir() and any(path.iterdir()) and not (path / "index.json").is_file():  # data/latent_cache.INDEX_FILE
         raise ConfigError(f"--out {out}: a non-empty folder that is not a latent cache; choose a new folder")
     return path
 

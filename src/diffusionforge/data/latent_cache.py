@@ -24,7 +24,9 @@ Layout of ``DIR``
 
 An item of the cache is ``{"latent_mean": (c, h, w), "latent_std": (c, h, w), <tensor keys>,
 <caption key>: cached_captions(h, m, h_null, m_null)}``; ``GenerativeModel`` samples the first two,
-``TextConditioner`` takes the mapping in place of captions.
+``TextConditioner`` takes the mapping in place of captions and makes from the stored ``h``, ``m``
+what it makes from its encoder's: the cross-attention tokens with their mask, the tokens without one
+(``sd_padding``) or the mean-pooled vector (``output=vector``).
 """
 
 from __future__ import annotations
