@@ -35,7 +35,9 @@ from .story import MAX_STORIES, story_strips  # noqa: E402
 from .translate import test_input, translate  # noqa: E402
 
 CONCURRENCY = 4  # events the queue runs at once; requests to one run still take turns (models.LoadedRun.lock)
-CSS = "img { image-rendering: pixelated; }"  # 28-pixel images shown large stay sharp
+# Results fill their box's width (a 28-pixel image is a thumbnail otherwise), and stay sharp when enlarged.
+CSS = ("img { image-rendering: pixelated; } .scaled .image-frame { width: 100%; } "
+       ".scaled img { width: 100%; height: auto; max-height: 70vh; object-fit: contain; }")
 DEFAULT = ("the run's default", "")      # dropdown entry: leave the option to the run's sample section
 TAB_COMMANDS = ("sample", "translate", "story")  # the run list of each generation tab
 
@@ -100,6 +102,18 @@ class Page:
         grids = [(read_image(path), caption) for path, caption in catalog.step_grids(run_dir)]
         return catalog.loss_curve(run_dir), info, grids
 
+    def first_defaults(self, names: list[str], command: str) -> tuple[int, float]:
+        """(steps, guidance) the page starts with: the first run's (bridge.steps for translate), so that a
+        click before the page has asked for them uses the run's own."""
+        try:
+            config = self.cache.locate(names[0], command)[1] if names else None
+        except DForgeError:
+            config = None
+        if config is None:
+            return 50, 1.0
+        steps = config.bridge.steps if command == "translate" else config.sample.steps
+        return steps, config.sample.guidance
+
     def controls(self, run: Optional[str]):
         """Generate: the run's classes, prompt boxes, steps and guidance."""
         if not run:
@@ -152,6 +166,9 @@ def build_app(runs_dir: str | Path, scratch: Optional[str | Path] = None) -> gr.
     """The page over the runs under ``runs_dir`` (requests write their files under ``scratch``)."""
     page = Page(runs_dir, scratch)
     rows, lists = page.run_names()
+    steps, guidance = page.first_defaults(lists[1], "sample")
+    t_default, _ = page.first_defaults(lists[2], "translate")
+    s_steps_default, s_guidance_default = page.first_defaults(lists[3], "story")
     with gr.Blocks(title="diffusionforge") as app:
         gr.Markdown(f"## diffusionforge — runs under `{page.cache.runs_dir}`")
         with gr.Tab("Runs"):
@@ -175,14 +192,15 @@ def build_app(runs_dir: str | Path, scratch: Optional[str | Path] = None) -> gr.
                             (n, n) for n in SAMPLER_NAMES if n != "bridge_euler"])
                         g_schedule = gr.Dropdown(label="schedule", value="",
                                                  choices=[DEFAULT] + [(n, n) for n in SCHEDULE_NAMES])
-                    g_steps = gr.Slider(1, 1000, value=50, step=1, label="steps")
-                    g_guidance = gr.Number(value=None, label="guidance (1: none)")
+                    g_steps = gr.Slider(1, 1000, value=steps, step=1, label="steps")
+                    g_guidance = gr.Number(value=guidance, label="guidance (1: none)")
                     with gr.Row():
                         g_seed = gr.Number(value=0, precision=0, label="seed")
                         g_num = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="images")
                     g_go = gr.Button("Generate", variant="primary", elem_id="generate-button")
                 with gr.Column():
-                    g_image = gr.Image(label="result", type="filepath", format="png", elem_id="generate-result")
+                    g_image = gr.Image(label="result", type="filepath", format="png", elem_id="generate-result",
+                                       elem_classes=["scaled"])
                     g_file = gr.File(label="PNG (its settings in the PNG text chunks)")
                     g_command = gr.Textbox(label="the same with the CLI", lines=2, buttons=["copy"])
         with gr.Tab("Translate"):
@@ -196,14 +214,14 @@ def build_app(runs_dir: str | Path, scratch: Optional[str | Path] = None) -> gr.
                         t_index = gr.Number(value=0, precision=0, label="test image #")
                         t_pick = gr.Button("Use this test image")
                     with gr.Row():
-                        t_steps = gr.Number(value=1, precision=0, label="steps")
+                        t_steps = gr.Number(value=t_default, precision=0, label="steps")
                         t_seed = gr.Number(value=0, precision=0, label="seed")
                         t_class = gr.Number(value=None, precision=0, label="class (class-conditional runs)")
                     t_go = gr.Button("Translate", variant="primary")
                 with gr.Column():
                     with gr.Row():
-                        t_before = gr.Image(label="before", format="png")
-                        t_after = gr.Image(label="after", format="png")
+                        t_before = gr.Image(label="before", format="png", elem_classes=["scaled"])
+                        t_after = gr.Image(label="after", format="png", elem_classes=["scaled"])
         with gr.Tab("Story"):
             with gr.Row():
                 with gr.Column():
@@ -211,13 +229,13 @@ def build_app(runs_dir: str | Path, scratch: Optional[str | Path] = None) -> gr.
                     s_captions = gr.Textbox(label="captions, one per frame", lines=4)
                     s_first = gr.Image(label="first frame (optional; continuation runs need it)", type="filepath")
                     with gr.Row():
-                        s_steps = gr.Slider(1, 1000, value=50, step=1, label="steps")
-                        s_guidance = gr.Number(value=None, label="guidance (1: none)")
+                        s_steps = gr.Slider(1, 1000, value=s_steps_default, step=1, label="steps")
+                        s_guidance = gr.Number(value=s_guidance_default, label="guidance (1: none)")
                     with gr.Row():
                         s_seed = gr.Number(value=0, precision=0, label="seed")
                         s_num = gr.Slider(1, MAX_STORIES, value=1, step=1, label="stories")
                     s_go = gr.Button("Tell", variant="primary")
-                s_strip = gr.Image(label="story (frame by frame)", format="png")
+                s_strip = gr.Image(label="story (frame by frame)", format="png", elem_classes=["scaled"])
 
         listing = [table, run, g_run, t_run, s_run]
         g_controls = [g_class, g_prompt, g_negative, g_steps, g_guidance]

@@ -103,14 +103,18 @@ class Browser:
         return result["result"].get("value")
 
     def wait_for(self, expression: str, timeout: float = 60.0, every: float = 0.2) -> Any:
-        """Poll a JavaScript expression until it is truthy; its value."""
-        deadline = time.monotonic() + timeout
+        """Poll a JavaScript expression until it is truthy (one that throws, e.g. on an element not yet
+        rendered, is polled again); its value."""
+        deadline, last = time.monotonic() + timeout, ""
         while time.monotonic() < deadline:
-            value = self.evaluate(expression)
+            try:
+                value = self.evaluate(expression)
+            except BrowserError as err:
+                value, last = None, f" (last: {err})"
             if value:
                 return value
             time.sleep(every)
-        raise BrowserError(f"not true after {timeout:.0f} s: {expression}")
+        raise BrowserError(f"not true after {timeout:.0f} s: {expression}{last}")
 
     def screenshot(self, path: str | Path) -> Path:
         data = self.send("Page.captureScreenshot", {"format": "png"})["data"]
