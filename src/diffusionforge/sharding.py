@@ -134,6 +134,7 @@ def prepare_network(module, activation_checkpointing: bool) -> None:
     trained, ema = module.sharded_parts()
     mesh = module.device_mesh
     if mesh is not None:
+        module.to(module.trainer.strategy.root_device)  # NCCL broadcasts device tensors (a no-op on CPU)
         broadcast_from_rank0(module)
     if activation_checkpointing:
         module.checkpointed_blocks = checkpoint_blocks(trained)

@@ -157,15 +157,16 @@ def trainer_config(config: ExperimentConfig, model: L.LightningModule) -> Experi
     return replace(config, optim=replace(config.optim, grad_clip=0.0))
 
 
-def unsharded_copy(model: L.LightningModule, task: Task, config: ExperimentConfig, datamodule):
-    """On rank 0, a freshly built module holding the sharded ``model``'s full weights (and EMA); ``model``
-    itself elsewhere. Every rank must call it (the shards are gathered)."""
+def unsharded_copy(model: L.LightningModule, task: Task, config: ExperimentConfig, datamodule,
+                   device: torch.device):
+    """On rank 0, a freshly built module on ``device`` holding the sharded ``model``'s full weights (and EMA);
+    ``model`` itself elsewhere. Every rank must call it (the shards are gathered)."""
     state = full_state(model)
     if state is None:
         return model
     _, copy = task.build(config, datamodule)
     copy.load_state_dict(state)
-    return copy
+    return copy.to(device)
 
 
 def fit(config: ExperimentConfig, task: Task, model: L.LightningModule, datamodule, run_dir: Path,
@@ -185,7 +186,7 @@ def fit(config: ExperimentConfig, task: Task, model: L.LightningModule, datamodu
     wall = time.time() - start
     checkpointed = getattr(model, "checkpointed_blocks", 0)
     if sharded:  # every rank gathers the shards; rank 0 exports them from an unsharded copy
-        model = unsharded_copy(model, task, config, datamodule)
+        model = unsharded_copy(model, task, config, datamodule, trainer.strategy.root_device)
         model.sample_dir = sample_dir
     if not trainer.is_global_zero:
         return 0
