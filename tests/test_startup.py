@@ -106,7 +106,7 @@ def test_dforge_help_lists_every_command(dforge):
     done = dforge("--help")
     assert done.returncode == 0 and done.stderr == ""
     assert done.stdout.startswith("usage: dforge")
-    for command in ("train", "sample", "translate", "story", "evaluate", "convert", "plot", "serve", "presets"):
+    for command in ("train", "cache", "sample", "translate", "story", "evaluate", "convert", "plot", "serve", "presets"):
         assert re.search(rf"^    {command}\b", done.stdout, re.MULTILINE), command
 
 
