@@ -232,3 +232,20 @@ def test_what_cannot_be_sharded_is_one_line(tmp_path, capsys, args, fragment):
     code = main(["train", *args, f"run_dir={tmp_path / 'run'}", "--no-progress"])
     assert_one_line_error(code, capsys.readouterr().err, fragment)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("saved_world, world, current, expected", [
+    (2, 1, {"ready": 5, "completed": 4, "started": 5, "processed": 5}, [10, 9, 10, 10]),  # mid-step save kept
+    (1, 2, {"ready": 5, "completed": 4, "started": 5, "processed": 5}, [2, 1, 2, 2]),  # the odd batch: not seen
+    (1, 2, {"ready": 1, "completed": 0, "started": 1, "processed": 1}, [1, 0, 1, 1]),  # never below zero
+    (2, 2, {"ready": 3, "completed": 3, "started": 3, "processed": 3}, [3, 3, 3, 3]),  # same world: untouched
+])
+def test_epoch_position_counts_the_same_images(saved_world, world, current, expected):
+    from diffusionforge.epoch_position import BATCH_PROGRESS, rescale_epoch_position
+
+    total = dict(current)
+    checkpoint = {"loops": {"fit_loop": {BATCH_PROGRESS: {"current": dict(current), "total": total}}}}
+    rescale_epoch_position(checkpoint, saved_world, world)
+    progress = checkpoint["loops"]["fit_loop"][BATCH_PROGRESS]
+    assert list(progress["current"].values()) == expected
+    assert progress["total"] == current  # the run's batch count (steps, validation timing) is not the epoch's
