@@ -12,8 +12,10 @@ import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffusionforge.cli.main import main
 from diffusionforge.sharding import blocks, checkpoint_blocks
@@ -72,6 +74,7 @@ def test_a_launched_run_without_run_dir_is_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+RUNS = ("ddp", "fsdp")
 TINY_DIT = ["model.backbone=dit", "model.dit.depth=2", "model.dit.hidden_size=32", "model.dit.num_heads=2",
             "model.dit.patch_size=4"]
 
@@ -81,7 +84,7 @@ def train_two_processes(run_dir, strategy: str, *overrides: str, steps: int = 3)
     result = subprocess.run(
         CLI + ["train", "tiny", f"run_dir={run_dir}", f"trainer.max_steps={steps}", "trainer.accelerator=cpu",
                "trainer.devices=2", f"trainer.strategy={strategy}", "trainer.log_every_n_steps=1",
-               f"trainer.checkpoint_every_n_steps={steps}", "trainer.val_every_n_steps=100", *overrides,
+               f"trainer.checkpoint_every_n_steps={steps}", "trainer.val_every_n_steps=2", *overrides,
                "--no-progress"],
         env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -109,6 +112,8 @@ def test_fsdp_trains_as_ddp_does(tmp_path, model, fsdp_only):
     assert adam_fsdp.keys() == adam_ddp.keys()  # keyed by parameter index, as DDP's: resumable either way
     for index, state in adam_ddp.items():
         torch.testing.assert_close(adam_fsdp[index]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-10)
+    grids = [np.asarray(Image.open(tmp_path / run / "samples" / "step_0000002.png"), dtype=int) for run in RUNS]
+    assert np.abs(grids[0] - grids[1]).max() <= 1  # the validation grid at step 2: all FSDP ranks sampled the EMA
     summary = json.loads((tmp_path / "fsdp" / "train_summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["activation_checkpointed_blocks"] == (2 if fsdp_only else 0)  # the tiny DiT's 2 blocks

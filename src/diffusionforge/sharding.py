@@ -28,8 +28,10 @@ FSDP (``strategy=fsdp``)   rank 0's weights broadcast to every rank (as DDP does
 Checkpoints are consolidated on rank 0 into one ``last.ckpt``
 (``save_distributed_checkpoint=False``) with the optimiser state keyed by
 parameter index, the format DDP and one process write: a run resumes with
-any world size and either strategy. After the fit every rank takes part in
-gathering the full weights (``full_state``), which rank 0 exports.
+any world size and either strategy. A validation grid is sampled by every
+rank (each holds a shard of the EMA; rank 0 writes it), after which
+``reshard`` frees the gathered EMA weights. After the fit every rank takes
+part in gathering the full weights (``full_state``), which rank 0 exports.
 """
 
 from __future__ import annotations
@@ -145,6 +147,16 @@ def prepare_network(module, activation_checkpointing: bool) -> None:
             raise ConfigError(f"trainer.strategy=fsdp: trained parameters outside the sharded network: "
                               f"{', '.join(unsharded[:3])}")
     module._network_prepared = True
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the gathered weights of every FSDP unit in ``module``. FSDP keeps a root unit's weights gathered
+    after a forward without backward (sampling a grid from the EMA), and the EMA update lerps shards only."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
 
 
 def is_sharded(tensor: torch.Tensor) -> bool:

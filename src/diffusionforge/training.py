@@ -166,6 +166,7 @@ def unsharded_copy(model: L.LightningModule, task: Task, config: ExperimentConfi
         return model
     _, copy = task.build(config, datamodule)
     copy.load_state_dict(state)
+    copy.sample_dir = model.sample_dir
     return copy.to(device)
 
 
@@ -178,7 +179,6 @@ def fit(config: ExperimentConfig, task: Task, model: L.LightningModule, datamodu
     trainer.callbacks.append(start_step)
     start = time.time()
     sharded = config.trainer.strategy.lower() == SHARDED
-    sample_dir, model.sample_dir = model.sample_dir, None if sharded else model.sample_dir
     if config.trainer.activation_checkpointing:  # applied in the module's configure_model (sharding.py)
         model.activation_checkpointing = True
     with run_dir_for_workers(run_dir):
@@ -187,7 +187,6 @@ def fit(config: ExperimentConfig, task: Task, model: L.LightningModule, datamodu
     checkpointed = getattr(model, "checkpointed_blocks", 0)
     if sharded:  # every rank gathers the shards; rank 0 exports them from an unsharded copy
         model = unsharded_copy(model, task, config, datamodule, trainer.strategy.root_device)
-        model.sample_dir = sample_dir
     if not trainer.is_global_zero:
         return 0
     grid = task.finish(model, datamodule, run_dir, config)

@@ -29,6 +29,8 @@ old runs load and old checkpoints resume.
 
 from __future__ import annotations
 
+import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
@@ -107,13 +109,26 @@ class BaseModule(L.LightningModule):
         return all(r is None or r > self.grid_seconds for r in left)
 
     def on_validation_epoch_end(self) -> None:
-        if self.sample_dir is None or not self.trainer.is_global_zero or not self.grid_fits_in_time():
+        """Rank 0 writes the grid. Under FSDP (a device mesh) every rank holds only a shard of the network, so
+        every rank samples in step (rank 0's time check decides for all) and the other ranks' copies are dropped."""
+        sharded = self.device_mesh is not None
+        if self.sample_dir is None or not (sharded or self.trainer.is_global_zero):
+            return
+        fits = self.grid_fits_in_time()
+        if not (self.trainer.strategy.broadcast(fits) if sharded else fits):
             return
         path = Path(self.sample_dir) / f"{self.grid_prefix}step_{self.global_step:07d}.png"
-        try:
-            self.write_sample_grid(path)
-        except NoGridSource as err:
-            rank_zero_warn(f"no validation grid: {err}")
+        with ExitStack() as scratch:
+            if not self.trainer.is_global_zero:
+                path = Path(scratch.enter_context(tempfile.TemporaryDirectory())) / path.name
+            try:
+                self.write_sample_grid(path)
+            except NoGridSource as err:
+                rank_zero_warn(f"no validation grid: {err}")
+        if sharded:
+            from ..sharding import reshard
+
+            reshard(self)
 
 
 class NetworkModule(BaseModule):
