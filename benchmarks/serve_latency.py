@@ -1,4 +1,4 @@
-"""Click-to-image time of `dforge serve`: the default run's 8-image grid at DDIM-50.
+"""Click-to-image time of `dforge serve`: the default run's 8-image grid at DDIM-50 (or --sampler/--steps).
 
 A server is started on a free loopback port over the folder holding RUN (in
 this process, as `dforge serve` runs it) and the Generate tab is driven
@@ -104,10 +104,13 @@ def main() -> None:
     parser.add_argument("run_dir", type=Path, help="a run of the default preset (fashion-ddpm)")
     parser.add_argument("--repeats", type=int, default=5, help="warm clicks timed (default 5)")
     parser.add_argument("--no-timing", action="store_true", help="only the screenshots")
+    parser.add_argument("--sampler", default="ddim", help="sampler of the timed grid (default ddim)")
+    parser.add_argument("--steps", type=int, default=50, help="its steps (default 50)")
     parser.add_argument("--screenshots", type=Path, default=None, metavar="DIR",
                         help="also write DIR/serve-generate.png and DIR/serve-runs.png (needs chromium)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
+    SETTINGS.update(sampler=args.sampler, steps=args.steps)
 
     from gradio_client import Client
 
@@ -131,7 +134,7 @@ def main() -> None:
     if args.no_timing:
         return
     library = library_seconds(run_dir, args.repeats)
-    figures = {"run": str(run_dir), "preset": config.name, "images": SETTINGS["num"], "sampler": "ddim",
+    figures = {"run": str(run_dir), "preset": config.name, "images": SETTINGS["num"], "sampler": SETTINGS["sampler"],
                "steps": SETTINGS["steps"], "first_click_s (model load + grid)": round(first, 2),
                "warm_click_median_s": round(statistics.median(warm), 2), "warm_click_min_s": round(min(warm), 2),
                "library_median_s": round(statistics.median(library), 2),

@@ -41,6 +41,12 @@ def grid_side(count: int, nrow: int, size: int = SIZE) -> tuple[int, int]:
     return nrow * (size + 2) + 2, rows * (size + 2) + 2
 
 
+def editor(background, layers=()) -> dict:
+    """A gr.ImageEditor value as the client sends it: the image and the painted layers (files)."""
+    return {"background": handle_file(str(background)), "layers": [handle_file(str(p)) for p in layers],
+            "composite": None}
+
+
 def pixels(path) -> np.ndarray:
     with Image.open(path) as image:
         return np.asarray(image)
@@ -129,24 +135,22 @@ def test_the_progress_bar_moves_each_step(runs_dir, tmp_path):
 
 
 def test_translate_inpaints_a_test_image_with_its_mask(client):
-    editor = client.predict("inpaint", 3, api_name="/test_image")
-    assert len(editor["layers"]) == 1
-    hole = np.asarray(Image.open(editor["layers"][0]))[..., 3] > 0
-    given = {"background": handle_file(editor["background"]),
-             "layers": [handle_file(editor["layers"][0])], "composite": None}
-    before, after = client.predict("inpaint", given, 1, 0, None, api_name="/translate")
+    test = client.predict("inpaint", 3, api_name="/test_image")
+    assert len(test["layers"]) == 1
+    hole = np.asarray(Image.open(test["layers"][0]))[..., 3] > 0
+    before, after = client.predict("inpaint", editor(test["background"], test["layers"]), 1, 0, None,
+                                   api_name="/translate")
     source, target = pixels(before), pixels(after)
     assert source.shape == target.shape == (SIZE, SIZE)
     assert hole.any() and (source[~hole] == target[~hole]).all()  # kept outside the hole
-    np.testing.assert_array_equal(source[~hole], pixels(editor["background"])[~hole])
+    np.testing.assert_array_equal(source[~hole], pixels(test["background"])[~hole])
 
 
 def test_translate_brings_a_low_resolution_upload_to_size(client, tmp_path):
     small = torch.linspace(-1, 1, 49).reshape(1, 1, 7, 7)
     rgba = Image.fromarray(to_uint8(small)[0][..., 0]).convert("RGBA")  # what a browser upload may be
     rgba.save(tmp_path / "low.png")
-    given = {"background": handle_file(str(tmp_path / "low.png")), "layers": [], "composite": None}
-    before, after = client.predict("sr", given, 2, 0, None, api_name="/translate")
+    before, after = client.predict("sr", editor(tmp_path / "low.png"), 2, 0, None, api_name="/translate")
     assert pixels(before).shape == pixels(after).shape == (SIZE, SIZE)
 
 
@@ -178,9 +182,8 @@ def test_bad_input_is_a_message_and_the_server_keeps_serving(client, call, messa
 
 def test_a_wrong_image_size_is_a_message(client, tmp_path):
     save_png(np.zeros((10, 10, 1), np.uint8), tmp_path / "ten.png")
-    given = {"background": handle_file(str(tmp_path / "ten.png")), "layers": [], "composite": None}
     with pytest.raises(AppError, match="is 10x10; this run translates 28x28 images or 7x7"):
-        client.predict("sr", given, 1, 0, None, api_name="/translate")
+        client.predict("sr", editor(tmp_path / "ten.png"), 1, 0, None, api_name="/translate")
 
 
 def test_two_requests_to_one_model_both_finish(client):

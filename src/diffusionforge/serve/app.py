@@ -42,6 +42,13 @@ DEFAULT = ("the run's default", "")      # dropdown entry: leave the option to t
 TAB_COMMANDS = ("sample", "translate", "story")  # the run list of each generation tab
 
 
+INPUT_ERRORS = (DForgeError, ValueError)  # bad input: a message on the page; anything else is a bug
+
+
+def page_error(err: Exception) -> gr.Error:
+    return gr.Error(one_line(err) if isinstance(err, DForgeError) else str(err))
+
+
 def on_page(fn):
     """``fn`` with its one-line input errors shown on the page (gr.Error) instead of a traceback."""
     if inspect.isgeneratorfunction(fn):
@@ -49,16 +56,16 @@ def on_page(fn):
         def streamed(*args, **kwargs):
             try:
                 yield from fn(*args, **kwargs)
-            except (DForgeError, ValueError) as err:
-                raise gr.Error(one_line(err) if isinstance(err, DForgeError) else str(err)) from None
+            except INPUT_ERRORS as err:
+                raise page_error(err) from None
         return streamed
 
     @functools.wraps(fn)
     def called(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (DForgeError, ValueError) as err:
-            raise gr.Error(one_line(err) if isinstance(err, DForgeError) else str(err)) from None
+        except INPUT_ERRORS as err:
+            raise page_error(err) from None
     return called
 
 
@@ -137,7 +144,7 @@ class Page:
     def generate(self, run, class_name, prompt, negative_prompt, sampler, schedule, steps, guidance, seed, num,
                  progress=gr.Progress()):
         settings = GenerateSettings(run, class_name or "", prompt or "", negative_prompt or "", sampler or "",
-                                    schedule or "", int(steps), optional_number(guidance), int(seed), int(num))
+                                    schedule or "", int(steps), optional_number(guidance), int(seed or 0), int(num))
         path, command = generate_grid(self.cache, settings, self.scratch / "generated", progress)
         return str(path), str(path), command
 
@@ -147,13 +154,13 @@ class Page:
 
     def translate(self, run, editor, steps, seed, class_label):
         label = optional_number(class_label)
-        result = translate(self.cache, run, editor, optional_number(steps), int(seed),
+        result = translate(self.cache, run, editor, optional_number(steps), int(seed or 0),
                            None if label is None else int(label), self.scratch / "inputs")
         return result.before, result.after
 
     def story(self, run, captions, first_frame, steps, guidance, seed, num, progress=gr.Progress()):
         yield from story_strips(self.cache, run, captions, first_frame, int(steps), optional_number(guidance),
-                                int(seed), int(num), self.scratch / "inputs", progress)
+                                int(seed or 0), int(num), self.scratch / "inputs", progress)
 
 
 def run_list(label: str, names: list[str]) -> gr.Dropdown:
