@@ -27,9 +27,8 @@ from .config.loader import load_config
 from .config.schema import ExperimentConfig
 from .data.datamodule import ImageDataModule
 from .data.latent_cache import Index, dataset_facts, write_cache
-from .errors import ConfigError
 from .runs import CONFIG_FILE, FIRST_STAGE_WEIGHTS, open_run
-from .tasks import task_of
+from .tasks import Task, task_of
 from .tasks.latent_cache import SOURCE, FrozenParts, frozen_parts
 
 __all__ = ["CacheSummary", "cache"]
@@ -50,9 +49,7 @@ def cache(source: str, out: str | Path, overrides: Sequence[str] = (), batch_siz
     """Encode the training split of ``source`` (a latent run directory, a config or a preset) into ``out``."""
     config, model, datamodule, made_from = frozen_model(source, overrides)
     parts = frozen_parts(model)  # refuses pixel space and conditioners that encode images
-    train = datamodule.train_set
-    if not isinstance(train, Subset):
-        raise ConfigError(f"data.name={config.data.name}: `dforge cache` reads datasets indexed by position")
+    train = datamodule.train_set  # a Subset of the training source: DataConfig refuses flips, pairs and streams
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.first_stage.to(device)
     model.net["conditioner"].to(device)
@@ -78,9 +75,7 @@ def frozen_model(source: str, overrides: Sequence[str]) -> tuple[ExperimentConfi
         run_dir, config = open_run(run_dir, overrides)
     else:
         config = load_config(source, overrides)
-    config = images_config(config)
-    task = cache_task(config, source)
-    task.check(config)
+    task, config = checked_for_cache(config)
     datamodule = ImageDataModule(config.data, seed=config.seed)
     datamodule.setup("fit")
     if is_run:  # the run's own first-stage copy, latent scale and text encoder
@@ -90,19 +85,14 @@ def frozen_model(source: str, overrides: Sequence[str]) -> tuple[ExperimentConfi
     return config, model, datamodule, str(latent.run_dir or latent.vae_dir or config.init_from)
 
 
-def images_config(config: ExperimentConfig) -> ExperimentConfig:
-    """The config reading images (data.cache dropped), after the rules of a cached split are checked
-    (no flips, random crops, degradations or stories: ``DataConfig``)."""
-    dataclasses.replace(config.data, cache="cache")  # validates: ConfigError naming the key
-    return dataclasses.replace(config, data=dataclasses.replace(config.data, cache=None))
-
-
-def cache_task(config: ExperimentConfig, source: str):
-    task = task_of(config)
-    if not task.trains_from_cache:
-        raise ConfigError(f"{source}: a task={task.name} config; `dforge cache` encodes the data of latent "
-                          "task=diffusion runs and configs")
-    return task
+def checked_for_cache(config: ExperimentConfig) -> tuple[Task, ExperimentConfig]:
+    """The task and the config reading images (data.cache dropped), after the rules of training from a cache are
+    checked on it: ``DataConfig`` (no flips, random crops, degradations, stories, streams) and ``Task.check``
+    (a latent task=diffusion config)."""
+    cached = dataclasses.replace(config, data=dataclasses.replace(config.data, cache="cache"))  # validates
+    task = task_of(cached)
+    task.check(cached)
+    return task, dataclasses.replace(config, data=dataclasses.replace(config.data, cache=None))
 
 
 @torch.no_grad()

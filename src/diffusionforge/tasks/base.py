@@ -60,7 +60,8 @@ class Task:
         """Rules on the config that only the task knows; raises ConfigError."""
         if config.data.cache is not None and not self.trains_from_cache:
             takers = " or ".join(f"task={name}" for name, task in TASKS.items() if task.trains_from_cache)
-            raise ConfigError(f"data.cache: task={self.name} runs do not train from a latent cache ({takers} runs do)")
+            raise ConfigError(f"data.cache: task={self.name} runs do not train from a latent cache "
+                              f"({takers} runs do)")
         if config.data.cache is not None and config.model.first_stage != "autoencoder":
             raise ConfigError("data.cache: a latent cache holds first-stage latents; this run is in pixel space "
                               "(model.first_stage=identity)")

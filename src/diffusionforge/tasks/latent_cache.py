@@ -46,11 +46,9 @@ def weights_digest(module: nn.Module) -> str:
 
 
 def frozen_parts(model) -> FrozenParts:
-    """The record of a latent model's frozen parts; ConfigError when one of its conditioners cannot be cached."""
-    autoencoder = getattr(model.first_stage, "autoencoder", None)
-    if autoencoder is None:
-        raise ConfigError("data.cache: a latent cache holds first-stage latents; this run is in pixel space "
-                          "(model.first_stage=identity)")
+    """The record of a latent model's frozen parts (``Task.check`` refuses pixel space first); ConfigError when
+    one of its conditioners cannot be cached."""
+    autoencoder = model.first_stage.autoencoder
     first_stage = {"sha256": weights_digest(autoencoder), "embed_dim": autoencoder.config.embed_dim,
                    "downsample_factor": autoencoder.downsample_factor}
     text, tensors = {}, []
