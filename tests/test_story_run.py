@@ -3,6 +3,8 @@
 datamodule's story batches, and the one-line errors of bad input."""
 
 import json
+import math
+import shutil
 
 import numpy as np
 import pytest
@@ -142,22 +144,93 @@ def test_evaluate_refuses_other_feature_networks(runs, capsys):
     assert_one_line_error(code, capsys.readouterr().err, "--features")
 
 
-def test_hdf5_stories_train_and_tell(tmp_path, capsys):
-    """A PororoSV / FlintstonesSV file in ARLDM's layout trains a story run (RGB frames) end to end."""
+HDF5_FRAMES = 5  # frames of a write_arldm_file story
+
+
+def _hdf5_overrides(path, text) -> list[str]:
+    """TINY_STORY on an ARLDM-layout file: 5 RGB frames of 8 x 8, batches of 2 (the file has 2 stories a split)."""
+    overrides = [o for o in TINY_STORY if not o.startswith(("data.story.", "data.image_size", "data.batch_size"))]
+    return [*overrides, "data.story.source=hdf5", f"data.story.root={path}", f"data.story.frames={HDF5_FRAMES}",
+            "data.image_size=8", "data.channels=3", "data.batch_size=2", "model.conditioning.story.patch=2",
+            f"model.conditioning.story.path={text}"]
+
+
+def test_hdf5_stories_train_tell_and_evaluate(tmp_path, capsys):
+    """A PororoSV / FlintstonesSV file in ARLDM's layout trains a story run (RGB frames) end to end, and
+    `dforge evaluate` scores its test split: FID over all frames and per frame index, with the protocol."""
     pytest.importorskip("h5py")
     from test_stories import write_arldm_file
 
     path = write_arldm_file(tmp_path / "pororo.h5")
-    text = _tiny_bert(tmp_path)
     run = tmp_path / "run"
-    overrides = [o for o in TINY_STORY if not o.startswith(("data.story.", "data.image_size", "data.batch_size"))]
-    assert main(["train", "fashion-arldm", *overrides, "data.story.source=hdf5", f"data.story.root={path}",
-                 "data.story.frames=5", "data.image_size=8", "data.channels=3", "data.batch_size=2",
-                 "model.conditioning.story.patch=2", f"model.conditioning.story.path={text}",
-                 "trainer.max_steps=2", f"run_dir={run}", "--no-progress"]) == 0
+    assert main(["train", "fashion-arldm", *_hdf5_overrides(path, _tiny_bert(tmp_path)), "trainer.max_steps=2",
+                 f"run_dir={run}", "--no-progress"]) == 0
     out = tmp_path / "story.png"
     assert main(["story", str(run), "--captions", "a", "b", "--steps", "2", "--out", str(out)]) == 0
     assert _png(out).shape == (8 + 4, 2 * 10 + 2, 3)
+    assert main(["evaluate", str(run), "--num", "2", "--steps", "2", "--seed", "0"]) == 0
+    record = json.loads((run / "metrics.json").read_text())
+    keys = ["fid", "kid_mean", "kid_std"] + [f"fid_frame_{j}" for j in range(HDF5_FRAMES)]
+    assert sorted(record["metrics"]) == sorted(keys)
+    assert all(math.isfinite(record["metrics"][k]) for k in keys)
+    protocol = record["protocol"]
+    assert protocol["num_stories"] == 2 and protocol["scored_frames"] == list(range(HDF5_FRAMES))
+    assert protocol["mode"] == "visualisation" and protocol["steps"] == 2 and protocol["image_size"] == 8
+    assert protocol["features"] == "efficientnet-lite0" and protocol["reference_size"] == 2 * HDF5_FRAMES
+    assert protocol["reference_split"].startswith(f"{path}:test")
     capsys.readouterr()
-    code = main(["evaluate", str(run), "--num", "2"])
-    assert_one_line_error(code, capsys.readouterr().err, "hdf5")
+    for argv, fragments in [(["--num", "3"], ["--num 3", "2 test stories"]),
+                            (["--num", "2", "--features", "fashion-mnist"], ["--features", "RGB"])]:
+        code = main(["evaluate", str(run), *argv, "--steps", "2"])
+        assert_one_line_error(code, capsys.readouterr().err, *fragments)
+    untested = write_arldm_file(tmp_path / "untested.h5", splits=("train", "val"))  # no test group
+    shutil.copytree(run, tmp_path / "run2")
+    config = tmp_path / "run2" / "config.yaml"
+    config.write_text(config.read_text().replace(str(path), str(untested)))
+    code = main(["evaluate", str(tmp_path / "run2"), "--num", "2", "--steps", "2"])
+    assert_one_line_error(code, capsys.readouterr().err, "untested.h5", "no split group 'test'")
+
+
+class ReplayStories:
+    """A story model that returns the real test story of each caption list, its frames rolled by ``shift``
+    frame indices: the model ``evaluate_hdf5_story_run`` should score FID 0 (shift 0), or 0 pooled but > 0
+    per frame index (shift 1: the right frames at the wrong places)."""
+
+    def __init__(self, stories, mode: str, shift: int = 0):
+        self.real = {tuple(stories[i]["captions"]): stories[i]["frames"] for i in range(len(stories))}
+        self.story_mode, self.device, self.shift = mode, torch.device("cpu"), shift
+        self.given = []  # first_frames of each generate call
+
+    def generate(self, captions, request, first_frames=None, generator=None):
+        self.given.append(first_frames)
+        return torch.stack([self.real[tuple(c)] for c in captions]).roll(self.shift, dims=1)
+
+
+@pytest.mark.parametrize("mode, shift", [("visualisation", 0), ("visualisation", 1), ("continuation", 0)])
+def test_hdf5_story_fid_is_zero_for_the_real_stories(tmp_path, mode, shift):
+    pytest.importorskip("h5py")
+    from diffusionforge.evaluation.story_hdf5 import evaluate_hdf5_story_run, hdf5_test_stories
+    from diffusionforge.tasks.diffusion import sample_request
+    from test_stories import write_arldm_file
+
+    path = write_arldm_file(tmp_path / "flintstones.h5")
+    config = load_config("fashion-arldm", [*_hdf5_overrides(path, tmp_path / "unused"), f"story.mode={mode}"])
+    stories = hdf5_test_stories(config, 2)
+    model = ReplayStories(stories, mode, shift)
+    request = sample_request(config, None, 2, 0.0, None, True, "fp32")
+    record = evaluate_hdf5_story_run(model, config, 2, request, batch_size=1)
+    metrics, scored = record["metrics"], record["protocol"]["scored_frames"]
+    assert scored == list(range(1 if mode == "continuation" else 0, HDF5_FRAMES))
+    assert sorted(k for k in metrics if k.startswith("fid_frame_")) == sorted(f"fid_frame_{j}" for j in scored)
+    assert abs(metrics["fid"]) < 1e-3  # the same frames, pooled
+    assert metrics["kid_mean"] < 1e-3  # unbiased KID of a set against itself: at or below 0
+    per_frame = [metrics[f"fid_frame_{j}"] for j in scored]
+    if shift == 0:
+        assert max(abs(f) for f in per_frame) < 1e-3
+    else:
+        assert min(per_frame) > 1.0, per_frame
+    if mode == "continuation":  # frame 0 of each story is given: the real one
+        for i, given in enumerate(model.given):
+            torch.testing.assert_close(given, stories[i]["frames"][:1])  # (1, 3, 8, 8): batches of 1
+    else:
+        assert model.given == [None, None]

@@ -100,20 +100,26 @@ class StoryTask(NetworkTask):
         return build_story_model(config, num_classes, sample_dir, autoencoder)
 
     def evaluate(self, run_dir: Path, config: ExperimentConfig, options: EvalOptions) -> dict:
-        """FID per frame, caption / position / size accuracy and identity consistency of the test stories."""
+        """FID per frame, caption / position / size accuracy and identity consistency of the test stories;
+        for PororoSV / FlintstonesSV HDF5 runs, FID over all frames and per frame index on the file's test split."""
         from ..evaluation.story import evaluate_story_run, story_classifier_name
+        from ..evaluation.story_hdf5 import choose_rgb_features, evaluate_hdf5_story_run, hdf5_test_stories
 
         steps = one_step_count(options.steps, 50, "story")
-        if config.data.story.source == "hdf5":
-            raise ConfigError("data.story.source=hdf5: the story metrics need labelled stories (made from "
-                              "fashion-mnist-embedded or mnist); score PororoSV / FlintstonesSV samples with "
-                              "`dforge story` and an external FID")
-        name = story_classifier_name(config.data.story.source)
-        if options.features is not None and options.features != name:
-            raise ConfigError(f"--features: story runs are scored on the {name} classifier (crops of the "
-                              f"{config.data.story.source} items), got {options.features}")
+        hdf5 = config.data.story.source == "hdf5"
+        if hdf5:
+            choose_rgb_features(options.features)  # bad input fails before the model is loaded
+            hdf5_test_stories(config, options.num)
+        else:
+            name = story_classifier_name(config.data.story.source)
+            if options.features is not None and options.features != name:
+                raise ConfigError(f"--features: story runs are scored on the {name} classifier (crops of the "
+                                  f"{config.data.story.source} items), got {options.features}")
         request = sample_request(config, options.sampler, steps, options.eta, options.guidance,
                                  options.use_ema, options.precision, schedule=options.schedule)
         model = self.load(run_dir, config, options.use_ema)
+        if hdf5:
+            return evaluate_hdf5_story_run(model, config, options.num, request, seed=options.seed,
+                                           features=options.features, batch_size=options.batch_size)
         return evaluate_story_run(model, config, options.num, request, seed=options.seed,
                                   batch_size=options.batch_size)
