@@ -167,11 +167,13 @@ def test_the_story_strip_grows_frame_by_frame(client):
     (lambda c: generate(c, "unloadable"), "no exported weights (model.safetensors missing"),
     (lambda c: generate(c, class_name="Unicorn"), "--class 'Unicorn': unknown class"),
     (lambda c: generate(c, "sr"), "is a task=bridge run; `dforge sample` takes"),
+    (lambda c: generate(c, "../.."), "../..: not a run under"),
     (lambda c: c.predict("sr", None, 1, 0, None, api_name="/translate"), "no input image"),
     (lambda c: c.predict("story", "  \n", None, 2, 2.0, 0, 1, api_name="/story"), "give one caption per line"),
     (lambda c: c.predict("story", "a sneaker\n\nit moves", None, 2, 2.0, 0, 1, api_name="/story"),
      "a caption is empty"),
-], ids=["run-fails-to-load", "unknown-class", "wrong-tab", "no-image", "no-captions", "empty-caption"])
+], ids=["run-fails-to-load", "unknown-class", "wrong-tab", "outside-runs-dir", "no-image", "no-captions",
+     "empty-caption"])
 def test_bad_input_is_a_message_and_the_server_keeps_serving(client, call, message):
     with pytest.raises(AppError) as raised:
         call(client)
@@ -212,3 +214,12 @@ def test_a_generate_click_in_a_browser_shows_an_image(server):
         size = browser.wait_for("(() => { const i = document.querySelector('#generate-result img'); "
                                 "return i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null; })()")
     assert tuple(size) == grid_side(8, CLASSES)  # the first Gaussian run (text): 8 images, the classes in turn
+
+
+def test_a_run_made_after_the_start_is_listed_and_served(client, runs_dir, tiny_run):
+    """(Last: it adds a run to the folder the other tests list.)"""
+    shutil.copytree(tiny_run, runs_dir / "later")
+    table, *_ = client.predict(api_name="/runs")
+    assert "later" in [row[0] for row in table["data"]]
+    image, _, _ = generate(client, "later", class_name="Bag", num=2, steps=2)
+    assert Image.open(image).size == grid_side(2, 2)
