@@ -68,6 +68,9 @@ def test_cache_holds_the_encoders_outputs_and_what_made_them(made):
     assert index["text"]["caption"]["max_length"] == 12 and index["first_stage"]["source"] == str(made["vae"])
     indices = datamodule.train_set.indices[:32]
     assert cache.latents["index"][:32].tolist() == indices
+    assert index["tensors"] == ["class_label"]  # the labels, though the text model reads captions only
+    assert cache.latents["class_label"][:32].tolist() == [int(datamodule.train_set.dataset[i]["class_label"])
+                                                          for i in indices]
     images = torch.stack([datamodule.train_set.dataset[i]["image"] for i in indices])
     posterior = model.first_stage.autoencoder.encode(images)
     torch.testing.assert_close(cache.latents["mean"][:32], posterior.mean, atol=1e-5, rtol=1e-5)

@@ -33,6 +33,9 @@ from .tasks.latent_cache import SOURCE, FrozenParts, frozen_parts
 
 __all__ = ["CacheSummary", "cache"]
 
+MOMENTS = ("mean", "std")  # the posterior's, in latents.safetensors
+LABELS = ("class_label",)  # item keys stored whether or not the model reads them
+
 
 @dataclass
 class CacheSummary:
@@ -59,7 +62,8 @@ def cache(source: str, out: str | Path, overrides: Sequence[str] = (), batch_siz
     seconds = time.perf_counter() - started
     index = Index(count=len(train), dataset=dataset_facts(config.data, len(train.dataset)),
                   first_stage={**parts.first_stage, SOURCE: made_from},
-                  latent_scale=float(model.first_stage.scale_factor), text=parts.text, tensors=parts.tensors,
+                  latent_scale=float(model.first_stage.scale_factor), text=parts.text,
+                  tensors=[key for key in latents if key not in MOMENTS],
                   made_from=str(source), seconds=round(seconds, 3))
     latents["index"] = torch.tensor(train.indices, dtype=torch.int64)
     directory = write_cache(Path(out), index, latents, text)
@@ -98,16 +102,18 @@ def checked_for_cache(config: ExperimentConfig) -> tuple[Task, ExperimentConfig]
 @torch.no_grad()
 def encode_images(model, parts: FrozenParts, train: Subset, batch_size: int, workers: int,
                   progress: bool) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
-    """Posterior ``mean`` / ``std`` (N, c, h, w) and the per-item tensors of ``train``; its captions per key."""
+    """Posterior ``mean`` / ``std`` (N, c, h, w) and the per-item tensors of ``train`` (those the conditioners read,
+    and its class labels); its captions per key."""
     autoencoder, device = model.first_stage.autoencoder, model.first_stage.autoencoder.quant_conv.weight.device
-    stored: dict[str, list[torch.Tensor]] = {key: [] for key in ("mean", "std", *parts.tensors)}
+    labels = [key for key in LABELS if key in train[0] and key not in parts.tensors]  # kept, though unread
+    stored: dict[str, list[torch.Tensor]] = {key: [] for key in (*MOMENTS, *parts.tensors, *labels)}
     captions: dict[str, list[str]] = {key: [] for key in parts.text}
     loader = DataLoader(train, batch_size=batch_size, shuffle=False, num_workers=workers)
     for batch in tqdm(loader, desc="caching", file=sys.stderr, disable=not progress):
         posterior = autoencoder.encode(batch["image"].to(device))
         stored["mean"].append(posterior.mean.float().cpu())
         stored["std"].append(posterior.std.float().cpu())
-        for key in parts.tensors:
+        for key in (*parts.tensors, *labels):
             stored[key].append(batch[key])
         for key in parts.text:
             captions[key].extend(batch[key])
