@@ -41,7 +41,11 @@ from their captions (continuation runs: and their real first frame), frame by fr
 FID per frame, caption accuracy (named / omitted class), position and size accuracy and identity
 consistency on the item crops, with the classifier of the story source, beside the same scores
 of the real stories:
-  dforge evaluate runs/fashion-arldm --num 1000 --steps 50 --guidance 2"""
+  dforge evaluate runs/fashion-arldm --num 1000 --steps 50 --guidance 2
+PororoSV / FlintstonesSV runs (data.story.source=hdf5) generate the first --num stories of the
+file's test split and score FID over all frames and per frame index, and KID, against the real
+test frames, on EfficientNet-Lite0 unless --features says otherwise (continuation: frames 1..):
+  dforge evaluate runs/pororo-arldm --num 1000 --steps 50 --guidance 2"""
 
 
 def add_parser(sub) -> None:

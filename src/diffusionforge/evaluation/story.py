@@ -23,6 +23,9 @@ by frame (visualisation), or from their captions and real frame 0
 The same scores of the *real* test stories (``real``) are the ceiling a
 reader compares with: the crop locator, classifier and feature similarity are
 imperfect instruments, and their value on real frames says how imperfect.
+
+PororoSV / FlintstonesSV runs (``data.story.source=hdf5``) have no labels to
+score against: ``story_hdf5.py`` scores them by FID on whole frames.
 """
 
 from __future__ import annotations
