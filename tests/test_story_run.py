@@ -234,3 +234,35 @@ def test_hdf5_story_fid_is_zero_for_the_real_stories(tmp_path, mode, shift):
             torch.testing.assert_close(given, stories[i]["frames"][:1])  # (1, 3, 8, 8): batches of 1
     else:
         assert model.given == [None, None]
+
+
+class CountingFeatures(torch.nn.Module):
+    """A tiny RGB feature network (per-channel means and spreads) that counts its calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def features(self, images):
+        self.calls += 1
+        return torch.cat([images.mean((2, 3)), images.std((2, 3))], 1)  # (B, 6)
+
+
+def test_frame_fid_runs_the_network_once_per_frame_and_pools_all_frames():
+    from diffusionforge.evaluation.story_hdf5 import FrameFID
+    from diffusionforge.metrics.features import FeatureNetwork
+
+    network = FeatureNetwork("counting", "", CountingFeatures(), 6, rgb=True)
+    generator = torch.Generator().manual_seed(0)
+    real, fake = (torch.rand((6, 4, 3, 8, 8), generator=generator) * 2 - 1 for _ in range(2))
+    scores = FrameFID(network, (3, 8, 8), scored=[1, 2, 3])
+    scores.update(real, real=True)
+    scores.update(fake, real=False)
+    assert network.network.calls == 2 * 3  # frames 1..3 of the real and the generated batch, once each
+    result = scores.compute(seed=0)
+    pooled = network.metrics((3, 8, 8))  # the same frames in one batch each
+    pooled.update(real[:, 1:].flatten(0, 1), real=True)
+    pooled.update(fake[:, 1:].flatten(0, 1), real=False)
+    expected = pooled.compute(seed=0)
+    assert result["fid"] == pytest.approx(expected.fid, rel=1e-6) and result["fid"] > 0
+    assert "fid_frame_0" not in result and all(result[f"fid_frame_{j}"] > 0 for j in (1, 2, 3))

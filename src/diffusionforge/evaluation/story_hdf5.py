@@ -32,10 +32,11 @@ to ARLDM's table. No real-vs-real ceiling is computed.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from .. import __version__
@@ -95,19 +96,40 @@ def hdf5_test_stories(config, num: int):
     return stories
 
 
+class LastBatchFeatures(nn.Module):
+    """A feature network that returns its last output again when given the same pixels again: each frame
+    goes into its frame index's FID and into the pooled FID / KID, and is run through the network once."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+        self._last: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # (input, output)
+        if hasattr(network, "features"):  # FeatureAdapter calls ``features`` on [-1, 1] where it exists
+            self.features = lambda images: self._run(network.features, images)
+
+    def _run(self, function, images: torch.Tensor) -> torch.Tensor:
+        if self._last is None or not torch.equal(self._last[0], images):
+            self._last = (images, function(images))
+        return self._last[1]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._run(self.network, images)
+
+
 class FrameFID:
     """FID / KID accumulators: one per scored frame index and one over all scored frames."""
 
     def __init__(self, network: FeatureNetwork, image_shape: tuple[int, int, int], scored: list[int]):
+        network = replace(network, network=LastBatchFeatures(network.network))
         self.scored = scored
         self.per_frame = {j: network.metrics(image_shape) for j in scored}
         self.pooled: DistributionMetrics = network.metrics(image_shape)
 
     def update(self, stories: torch.Tensor, real: bool) -> None:
         """stories: (B, F, C, H, W) in [-1, 1]."""
-        for j in self.scored:
+        for j in self.scored:  # the same batch twice in a row: LastBatchFeatures runs the network once
             self.per_frame[j].update(stories[:, j], real=real)
-        self.pooled.update(stories[:, self.scored].flatten(0, 1), real=real)  # (B * len(scored), C, H, W)
+            self.pooled.update(stories[:, j], real=real)
 
     def compute(self, seed: int) -> dict[str, float]:
         pooled = self.pooled.compute(seed)
