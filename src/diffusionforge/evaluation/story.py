@@ -47,7 +47,9 @@ CROP_MODE = "nearest"  # item crops enlarged to 28x28 by nearest neighbour: the 
 
 
 @dataclass
-class StoryProtocol:
+class StoryGeneration:
+    """How the scored test stories were generated: the protocol fields every story evaluation records."""
+
     num_stories: int           # test stories generated and scored
     frames: int                # frames per story
     mode: str                  # visualisation | continuation (frame 0 real)
@@ -61,6 +63,19 @@ class StoryProtocol:
     seed: int
     weights: str               # ema | raw
     precision: str
+
+    @classmethod
+    def of(cls, model, config, num_stories: int, request, seed: int) -> dict:
+        """The fields of a story run's evaluation, as keyword arguments of a protocol."""
+        return asdict(cls(
+            num_stories=num_stories, frames=config.data.story.frames, mode=model.story_mode,
+            history=config.model.conditioning.story.history, sampler=request.sampler, steps=request.steps,
+            eta=request.eta, spacing=request.spacing, schedule=request.schedule, guidance=request.guidance,
+            seed=seed, weights="ema" if request.use_ema else "raw", precision=request.precision))
+
+
+@dataclass
+class StoryProtocol(StoryGeneration):
     classifier: str            # classifier of caption accuracy / consistency features / FID
     classifier_sha256: str
     crop_mode: str             # how item crops are enlarged to the classifier's 28x28
@@ -100,12 +115,9 @@ def evaluate_story_run(model, config, num: int, request, seed: int = 0, batch_si
         "model": score_stories(generated, truth, story, classifier, network, crop_mode=CROP_MODE),
         "real": score_stories(real, truth, story, classifier, None, crop_mode=CROP_MODE),
     }
-    story_cfg = config.model.conditioning.story
     protocol = StoryProtocol(
-        num_stories=len(subset), frames=story.frames, mode=model.story_mode, history=story_cfg.history,
-        sampler=request.sampler, steps=request.steps, eta=request.eta, spacing=request.spacing,
-        schedule=request.schedule, guidance=request.guidance, seed=seed, weights="ema" if request.use_ema else "raw",
-        precision=request.precision, classifier=network.name, classifier_sha256=network.sha256,
+        **StoryGeneration.of(model, config, len(subset), request, seed),
+        classifier=network.name, classifier_sha256=network.sha256,
         crop_mode=CROP_MODE,
         reference_split=f"{story.source}/test stories (data.story.seed={story.seed})",
         seconds_per_story=round(seconds / max(len(subset), 1), 4), git_commit=git_commit())

@@ -45,26 +45,14 @@ from ..errors import ConfigError
 from ..metrics.distribution import DistributionMetrics
 from ..metrics.features import CLASSIFIER_FEATURES, FEATURE_NAMES, FeatureNetwork, load_feature_network
 from .protocol import git_commit
+from .story import StoryGeneration
 
 DEFAULT_FEATURES = "efficientnet"  # RGB frames: ImageNet features, as for image folders (evaluate.py)
 
 
 @dataclass
-class StoryFIDProtocol:
-    num_stories: int           # test stories generated and scored (the first of the file's test split)
-    frames: int                # frames per story
+class StoryFIDProtocol(StoryGeneration):
     scored_frames: list[int]   # frame indices scored: all, or 1..F-1 in continuation (frame 0 given)
-    mode: str                  # visualisation | continuation (frame 0 real)
-    history: bool              # the model attends to earlier (caption, frame) pairs
-    sampler: str               # a samplers.names.SAMPLER_NAMES name
-    steps: int
-    eta: float
-    spacing: str
-    schedule: str              # sigma schedule of the sigma samplers: discrete | karras | exponential
-    guidance: float
-    seed: int
-    weights: str               # ema | raw
-    precision: str
     features: str              # feature network of FID / KID
     features_sha256: str
     image_size: int            # side of the generated and real frames scored
@@ -164,10 +152,7 @@ def evaluate_hdf5_story_run(model, config, num: int, request, seed: int = 0, fea
     finally:
         stories.close()
     protocol = StoryFIDProtocol(
-        num_stories=num, frames=story.frames, scored_frames=scored, mode=model.story_mode,
-        history=config.model.conditioning.story.history, sampler=request.sampler, steps=request.steps,
-        eta=request.eta, spacing=request.spacing, schedule=request.schedule, guidance=request.guidance, seed=seed,
-        weights="ema" if request.use_ema else "raw", precision=request.precision, features=network.name,
+        **StoryGeneration.of(model, config, num, request, seed), scored_frames=scored, features=network.name,
         features_sha256=network.sha256, image_size=size,
         reference_split=f"{story.root}:test (a strip's middle frame)", reference_size=num * len(scored),
         git_commit=git_commit())
