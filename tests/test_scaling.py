@@ -37,16 +37,25 @@ def node_env(node_rank: int, port: int) -> dict:
                 WORLD_SIZE="2")
 
 
+def slurm_env(node_rank: int, port: int) -> dict:
+    """What `srun` sets for task ``node_rank`` of `sbatch --nodes=2 --ntasks-per-node=1` (Lightning's SLURMEnvironment;
+    MASTER_ADDR / MASTER_PORT instead of a node list and a job-id port, on one machine)."""
+    return dict(cli_env(), SLURM_NTASKS="2", SLURM_NTASKS_PER_NODE="1", SLURM_NNODES="2", SLURM_JOB_NAME="dforge",
+                SLURM_JOB_ID="4242", SLURM_PROCID=str(node_rank), SLURM_LOCALID="0", SLURM_NODEID=str(node_rank),
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def node_command(launcher: str, node_rank: int, port: int, args: list[str]) -> tuple[list[str], dict]:
-    """One node's command and environment: Lightning's own (NODE_RANK, as SLURM-less clusters set it) or torchrun."""
-    if launcher == "env":
-        return CLI + args, node_env(node_rank, port)
+    """One node's command and environment: Lightning's own (NODE_RANK, as SLURM-less clusters set it), srun's
+    or torchrun."""
+    if launcher in ("env", "slurm"):
+        return CLI + args, (node_env if launcher == "env" else slurm_env)(node_rank, port)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                 f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}", "--no-python"]
     return torchrun + CLI + args, cli_env()
 
 
-@pytest.mark.parametrize("launcher", ["env", "torchrun"])
+@pytest.mark.parametrize("launcher", ["env", "slurm", "torchrun"])
 def test_two_nodes_train_one_run_together(tmp_path, launcher):
     run_dir = tmp_path / "run"
     args = ["train", "tiny", f"run_dir={run_dir}", "trainer.max_steps=4", "trainer.val_every_n_steps=2",
@@ -64,6 +73,15 @@ def test_two_nodes_train_one_run_together(tmp_path, launcher):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
     assert not (run_dir / ".lock").exists()
     assert (run_dir / "model.safetensors").is_file() and (run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_slurm_job_of_other_tasks_per_node_is_one_line(tmp_path):
+    env = dict(slurm_env(0, free_port()), SLURM_NTASKS_PER_NODE="3")  # sbatch --ntasks-per-node=3, devices=1
+    result = subprocess.run(CLI + ["train", "tiny", f"run_dir={tmp_path / 'run'}", *TWO_NODES], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("dforge: error: trainer: You set `devices=1` in "
+                                                             "Lightning, but the number of tasks per node")
 
 
 def test_a_launched_run_without_run_dir_is_one_line(tmp_path):

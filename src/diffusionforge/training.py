@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -70,6 +71,20 @@ def make_loggers(t: TrainerConfig, run_dir: Path) -> list:
 
 
 def make_trainer(config: ExperimentConfig, run_dir: Path, progress: bool = True) -> L.Trainer:
+    """The Trainer of ``config``; what Lightning refuses in it, or in how the cluster launched the processes
+    (SLURM's tasks per node against ``trainer.devices``, checked here rather than at launch), is a one-line
+    ConfigError."""
+    try:
+        trainer = _trainer(config, run_dir, progress)
+        environment = getattr(trainer.strategy, "cluster_environment", None)
+        if environment is not None:
+            environment.validate_settings(num_devices=trainer.num_devices, num_nodes=trainer.num_nodes)
+    except (ValueError, MisconfigurationException) as err:
+        raise ConfigError(f"trainer: {str(err).strip().splitlines()[0]}") from None
+    return trainer
+
+
+def _trainer(config: ExperimentConfig, run_dir: Path, progress: bool) -> L.Trainer:
     t = config.trainer
     # always checkpoints/last.ckpt, also in a moved or copied run (no last-v1.ckpt beside a stale last.ckpt)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0,
