@@ -73,11 +73,12 @@ def check_shardable(trainer, model: nn.Module) -> None:
     and the task's module has no blocks for it (the autoencoder, with its two optimisers)."""
     if hasattr(model, "sharded_parts"):
         return
-    for asked, what in ((trainer.strategy.lower() == SHARDED, "trainer.strategy=fsdp"),
-                        (trainer.activation_checkpointing, "trainer.activation_checkpointing")):
+    for asked, what, instead in (
+            (trainer.strategy.lower() == SHARDED, "trainer.strategy=fsdp", "use trainer.strategy=ddp"),
+            (trainer.activation_checkpointing, "trainer.activation_checkpointing", "set it to false")):
         if asked:
             raise ConfigError(f"{what}: {type(model).__name__} (this task's module) has no backbone blocks to "
-                              "shard or recompute; use trainer.strategy=ddp / drop the option")
+                              f"shard or recompute; {instead}")
 
 
 def blocks(module: nn.Module) -> list[nn.Module]:
@@ -102,7 +103,8 @@ def checkpoint_blocks(module: nn.Module) -> int:
 
 
 def broadcast_from_rank0(module: nn.Module) -> None:
-    """Every rank's parameters and buffers set to rank 0's (they were initialised with per-rank randomness)."""
+    """Every rank's parameters and buffers set to rank 0's, as DDP does at its start: all ranks shard the same
+    weights whatever each built."""
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             dist.broadcast(tensor.data, src=0)
