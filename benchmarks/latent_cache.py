@@ -4,25 +4,26 @@ Three ways of feeding the same model (the preset's UNet, its fashion-vae first
 stage, all-MiniLM-L6-v2 captions) the same batch size of training batches,
 fp32, one process:
 
-=================  =====================================================================
-``images``         the preset as it trains: each step VAE-encodes its images; the text
-                   encoder runs only for captions it has not seen (its per-caption LRU,
-                   ``model.conditioning.text.cache_size``; class-name captions repeat)
-``images, no LRU``  ``cache_size=0``: the text encoder runs on every caption of every step,
-                   as it does for a folder whose every image has its own caption
-``cache``          ``data.cache=DIR``: stored posterior sampled, stored caption embeddings
-=================  =====================================================================
+===================  ===================================================================
+``images``           the preset as it trains: each step VAE-encodes its images; the text
+                     encoder runs only for captions it has not seen (its per-caption LRU,
+                     ``model.conditioning.text.cache_size``; class-name captions repeat)
+``images, no LRU``   ``cache_size=0``: the text encoder runs on every caption of every
+                     step, as it does for a folder whose every image has its own caption
+``cache``            ``data.cache=DIR``: stored posterior sampled, stored caption embeddings
+===================  ===================================================================
 
 A step is: fetch the next batch from the run's DataLoader, diffusion loss,
-backward, AdamW. ``--steps`` steps are timed after ``--warmup``, in
-alternating rounds so that a busy machine slows all variants alike; the
-median step is reported, in wall time and in the process's CPU time (less
-sensitive to other jobs on a shared machine). The first stage is ``--vae`` (a fashion-vae run) or,
-without it, a fashion-vae run trained for a few steps here (the preset's
-architecture: the encoder's cost does not depend on its weights). The cache
-is made with `dforge cache` of the preset (its whole training split), timed.
+backward, AdamW. ``--rounds`` x ``--steps`` steps are timed after
+``--warmup``, one step of each variant in turn, so that a machine whose load
+changes slows all variants alike; the median step is reported, in wall time
+and in the process's CPU time (less sensitive to other jobs on a shared
+machine). The first stage is ``--vae`` (a fashion-vae run) or, without it, a
+fashion-vae run trained for a few steps here (the preset's architecture: the
+encoder's cost does not depend on its weights). The cache is made with
+`dforge cache` of the preset (its whole training split), timed.
 
-    python benchmarks/latent_cache.py [--vae runs/fashion-vae] [--steps 20] [--rounds 2] [--out FILE]
+    python benchmarks/latent_cache.py [--vae runs/fashion-vae] [--steps 10] [--rounds 2] [--out FILE]
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def first_stage(vae: str | None, work: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vae", default=None, help="a fashion-vae run (default: train a 4-step one here)")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/latent_cache.json")
@@ -110,10 +111,9 @@ def main() -> None:
         for variant in variants.values():
             for _ in range(args.warmup):
                 variant.step(timed=False)
-        for _ in range(args.rounds):
+        for _ in range(args.rounds * args.steps):  # one step of each in turn: load changes hit all alike
             for variant in variants.values():
-                for _ in range(args.steps):
-                    variant.step(timed=True)
+                variant.step(timed=True)
     batch = variants["images"].datamodule.config.batch_size
     rows = {name: {"median_step_s": statistics.median(v.times), "mean_step_s": statistics.mean(v.times),
                    "median_cpu_step_s": statistics.median(v.cpu_times), "steps": len(v.times),
