@@ -211,8 +211,8 @@ def test_a_generate_click_in_a_browser_shows_an_image(server):
         browser.open(server)
         src = click_generate(browser)
         assert src.startswith(server) and "/file=" in src
-        size = browser.wait_for("(() => { const i = document.querySelector('#generate-result img'); "
-                                "return i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null; })()")
+        size = browser.wait_for("(() => { const i = document.querySelector('#generate-result img'); return "
+                                "i && i.complete && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null; })()")
     assert tuple(size) == grid_side(8, CLASSES)  # the first Gaussian run (text): 8 images, the classes in turn
 
 

@@ -169,100 +169,115 @@ def run_list(label: str, names: list[str]) -> gr.Dropdown:
                        allow_custom_value=True)
 
 
+def follow_run(app: gr.Blocks, run: gr.Dropdown, fn, outputs, api_name=False) -> None:
+    """Fill ``outputs`` from the chosen run, when the page opens and whenever another run is chosen."""
+    app.load(on_page(fn), run, outputs, api_name=False)
+    run.change(on_page(fn), run, outputs, api_name=api_name)
+
+
+def runs_tab(app: gr.Blocks, page: Page, rows: list, names: list[str]) -> tuple:
+    """The Runs tab; (its refresh button, table, run list)."""
+    refresh = gr.Button("Refresh the list")
+    table = gr.Dataframe(rows, headers=catalog.ROW_HEADERS, interactive=False, wrap=True)
+    run = run_list("run", names)
+    with gr.Row():
+        curve = gr.Image(label="loss curve", type="pil", format="png")
+        info = gr.JSON(label="train_summary.json / metrics.json")
+    grids = gr.Gallery(label="samples/ over training", columns=6, object_fit="contain")
+    follow_run(app, run, page.details, [curve, info, grids], api_name="run_details")
+    return refresh, table, run
+
+
+def generate_tab(app: gr.Blocks, page: Page, names: list[str]) -> gr.Dropdown:
+    """The Generate tab; its run list."""
+    steps, guidance = page.first_defaults(names, "sample")
+    with gr.Row():
+        with gr.Column():
+            run = run_list("Gaussian run", names)
+            label = gr.Dropdown(label="class", choices=[("classes in turn", "")], value="", allow_custom_value=True)
+            prompt = gr.Textbox(label="prompt (text-conditioned runs)")
+            negative = gr.Textbox(label="negative prompt")
+            with gr.Row():
+                sampler = gr.Dropdown(label="sampler", value="",
+                                      choices=[DEFAULT] + [(n, n) for n in SAMPLER_NAMES if n != "bridge_euler"])
+                schedule = gr.Dropdown(label="schedule", value="", choices=[DEFAULT] + [(n, n) for n in SCHEDULE_NAMES])
+            steps = gr.Slider(1, 1000, value=steps, step=1, label="steps")
+            guidance = gr.Number(value=guidance, label="guidance (1: none)")
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, label="seed")
+                num = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="images")
+            go = gr.Button("Generate", variant="primary", elem_id="generate-button")
+        with gr.Column():
+            image = gr.Image(label="result", type="filepath", format="png", elem_id="generate-result",
+                             elem_classes=["scaled"])
+            download = gr.File(label="PNG (its settings in the PNG text chunks)")
+            command = gr.Textbox(label="the same with the CLI", lines=2, buttons=["copy"])
+    follow_run(app, run, page.controls, [label, prompt, negative, steps, guidance], api_name="run_controls")
+    go.click(on_page(page.generate), [run, label, prompt, negative, sampler, schedule, steps, guidance, seed, num],
+             [image, download, command], api_name="generate")
+    return run
+
+
+def translate_tab(app: gr.Blocks, page: Page, names: list[str]) -> gr.Dropdown:
+    """The Translate tab; its run list."""
+    with gr.Row():
+        with gr.Column():
+            run = run_list("bridge run", names)
+            editor = gr.ImageEditor(label="input (inpainting runs: paint the region to fill)", type="numpy",
+                                    image_mode="RGBA", format="png", brush=gr.Brush(colors=["#ff0000"], default_size=2))
+            with gr.Row():
+                index = gr.Number(value=0, precision=0, label="test image #")
+                pick = gr.Button("Use this test image")
+            with gr.Row():
+                steps = gr.Number(value=page.first_defaults(names, "translate")[0], precision=0, label="steps")
+                seed = gr.Number(value=0, precision=0, label="seed")
+                label = gr.Number(value=None, precision=0, label="class (class-conditional runs)")
+            go = gr.Button("Translate", variant="primary")
+        with gr.Column(), gr.Row():
+            before = gr.Image(label="before", format="png", elem_classes=["scaled"])
+            after = gr.Image(label="after", format="png", elem_classes=["scaled"])
+    follow_run(app, run, page.translate_controls, steps)
+    pick.click(on_page(page.test_image), [run, index], editor, api_name="test_image")
+    go.click(on_page(page.translate), [run, editor, steps, seed, label], [before, after], api_name="translate")
+    return run
+
+
+def story_tab(app: gr.Blocks, page: Page, names: list[str]) -> gr.Dropdown:
+    """The Story tab; its run list."""
+    steps, guidance = page.first_defaults(names, "story")
+    with gr.Row():
+        with gr.Column():
+            run = run_list("story run", names)
+            captions = gr.Textbox(label="captions, one per frame", lines=4)
+            first = gr.Image(label="first frame (optional; continuation runs need it)", type="filepath")
+            with gr.Row():
+                steps = gr.Slider(1, 1000, value=steps, step=1, label="steps")
+                guidance = gr.Number(value=guidance, label="guidance (1: none)")
+            with gr.Row():
+                seed = gr.Number(value=0, precision=0, label="seed")
+                num = gr.Slider(1, MAX_STORIES, value=1, step=1, label="stories")
+            go = gr.Button("Tell", variant="primary")
+        strip = gr.Image(label="story (frame by frame)", format="png", elem_classes=["scaled"])
+    follow_run(app, run, page.story_controls, [steps, guidance])
+    go.click(on_page(page.story), [run, captions, first, steps, guidance, seed, num], strip, api_name="story")
+    return run
+
+
 def build_app(runs_dir: str | Path, scratch: Optional[str | Path] = None) -> gr.Blocks:
     """The page over the runs under ``runs_dir`` (requests write their files under ``scratch``)."""
     page = Page(runs_dir, scratch)
     rows, lists = page.run_names()
-    steps, guidance = page.first_defaults(lists[1], "sample")
-    t_default, _ = page.first_defaults(lists[2], "translate")
-    s_steps_default, s_guidance_default = page.first_defaults(lists[3], "story")
     with gr.Blocks(title="diffusionforge") as app:
         gr.Markdown(f"## diffusionforge — runs under `{page.cache.runs_dir}`")
         with gr.Tab("Runs"):
-            refresh = gr.Button("Refresh the list")
-            table = gr.Dataframe(rows, headers=catalog.ROW_HEADERS, interactive=False, wrap=True)
-            run = run_list("run", lists[0])
-            with gr.Row():
-                curve = gr.Image(label="loss curve", type="pil", format="png")
-                info = gr.JSON(label="train_summary.json / metrics.json")
-            grids = gr.Gallery(label="samples/ over training", columns=6, object_fit="contain")
+            refresh, table, run = runs_tab(app, page, rows, lists[0])
         with gr.Tab("Generate"):
-            with gr.Row():
-                with gr.Column():
-                    g_run = run_list("Gaussian run", lists[1])
-                    g_class = gr.Dropdown(label="class", choices=[("classes in turn", "")], value="",
-                                          allow_custom_value=True)
-                    g_prompt = gr.Textbox(label="prompt (text-conditioned runs)")
-                    g_negative = gr.Textbox(label="negative prompt")
-                    with gr.Row():
-                        g_sampler = gr.Dropdown(label="sampler", value="", choices=[DEFAULT] + [
-                            (n, n) for n in SAMPLER_NAMES if n != "bridge_euler"])
-                        g_schedule = gr.Dropdown(label="schedule", value="",
-                                                 choices=[DEFAULT] + [(n, n) for n in SCHEDULE_NAMES])
-                    g_steps = gr.Slider(1, 1000, value=steps, step=1, label="steps")
-                    g_guidance = gr.Number(value=guidance, label="guidance (1: none)")
-                    with gr.Row():
-                        g_seed = gr.Number(value=0, precision=0, label="seed")
-                        g_num = gr.Slider(1, MAX_IMAGES, value=8, step=1, label="images")
-                    g_go = gr.Button("Generate", variant="primary", elem_id="generate-button")
-                with gr.Column():
-                    g_image = gr.Image(label="result", type="filepath", format="png", elem_id="generate-result",
-                                       elem_classes=["scaled"])
-                    g_file = gr.File(label="PNG (its settings in the PNG text chunks)")
-                    g_command = gr.Textbox(label="the same with the CLI", lines=2, buttons=["copy"])
+            g_run = generate_tab(app, page, lists[1])
         with gr.Tab("Translate"):
-            with gr.Row():
-                with gr.Column():
-                    t_run = run_list("bridge run", lists[2])
-                    t_editor = gr.ImageEditor(label="input (inpainting runs: paint the region to fill)",
-                                              type="numpy", image_mode="RGBA", format="png",
-                                              brush=gr.Brush(colors=["#ff0000"], default_size=2))
-                    with gr.Row():
-                        t_index = gr.Number(value=0, precision=0, label="test image #")
-                        t_pick = gr.Button("Use this test image")
-                    with gr.Row():
-                        t_steps = gr.Number(value=t_default, precision=0, label="steps")
-                        t_seed = gr.Number(value=0, precision=0, label="seed")
-                        t_class = gr.Number(value=None, precision=0, label="class (class-conditional runs)")
-                    t_go = gr.Button("Translate", variant="primary")
-                with gr.Column():
-                    with gr.Row():
-                        t_before = gr.Image(label="before", format="png", elem_classes=["scaled"])
-                        t_after = gr.Image(label="after", format="png", elem_classes=["scaled"])
+            t_run = translate_tab(app, page, lists[2])
         with gr.Tab("Story"):
-            with gr.Row():
-                with gr.Column():
-                    s_run = run_list("story run", lists[3])
-                    s_captions = gr.Textbox(label="captions, one per frame", lines=4)
-                    s_first = gr.Image(label="first frame (optional; continuation runs need it)", type="filepath")
-                    with gr.Row():
-                        s_steps = gr.Slider(1, 1000, value=s_steps_default, step=1, label="steps")
-                        s_guidance = gr.Number(value=s_guidance_default, label="guidance (1: none)")
-                    with gr.Row():
-                        s_seed = gr.Number(value=0, precision=0, label="seed")
-                        s_num = gr.Slider(1, MAX_STORIES, value=1, step=1, label="stories")
-                    s_go = gr.Button("Tell", variant="primary")
-                s_strip = gr.Image(label="story (frame by frame)", format="png", elem_classes=["scaled"])
-
-        listing = [table, run, g_run, t_run, s_run]
-        g_controls = [g_class, g_prompt, g_negative, g_steps, g_guidance]
-        refresh.click(on_page(page.runs), None, listing, api_name="runs")
-        app.load(on_page(page.details), run, [curve, info, grids], api_name=False)
-        app.load(on_page(page.controls), g_run, g_controls, api_name=False)
-        app.load(on_page(page.translate_controls), t_run, t_steps, api_name=False)
-        app.load(on_page(page.story_controls), s_run, [s_steps, s_guidance], api_name=False)
-        run.change(on_page(page.details), run, [curve, info, grids], api_name="run_details")
-        g_run.change(on_page(page.controls), g_run, g_controls, api_name="run_controls")
-        t_run.change(on_page(page.translate_controls), t_run, t_steps, api_name=False)
-        s_run.change(on_page(page.story_controls), s_run, [s_steps, s_guidance], api_name=False)
-        g_go.click(on_page(page.generate), [g_run, g_class, g_prompt, g_negative, g_sampler, g_schedule, g_steps,
-                                            g_guidance, g_seed, g_num], [g_image, g_file, g_command],
-                   api_name="generate")
-        t_pick.click(on_page(page.test_image), [t_run, t_index], t_editor, api_name="test_image")
-        t_go.click(on_page(page.translate), [t_run, t_editor, t_steps, t_seed, t_class], [t_before, t_after],
-                   api_name="translate")
-        s_go.click(on_page(page.story), [s_run, s_captions, s_first, s_steps, s_guidance, s_seed, s_num], s_strip,
-                   api_name="story")
+            s_run = story_tab(app, page, lists[3])
+        refresh.click(on_page(page.runs), None, [table, run, g_run, t_run, s_run], api_name="runs")
     return app.queue(default_concurrency_limit=CONCURRENCY)
 
 
