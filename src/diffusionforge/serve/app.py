@@ -85,7 +85,9 @@ class Page:
 
     def __init__(self, runs_dir: str | Path, scratch: Optional[str | Path] = None):
         self.cache = ModelCache(runs_dir)
-        self.scratch = Path(scratch or tempfile.mkdtemp(prefix="dforge-serve-"))
+        # uploads and results, removed when the server's process ends (the page has its own copies)
+        self._scratch = None if scratch else tempfile.TemporaryDirectory(prefix="dforge-serve-")
+        self.scratch = Path(scratch or self._scratch.name)
 
     def run_names(self) -> tuple[list[list], list[list[str]]]:
         """The Runs table's rows and the run lists of Runs, Generate, Translate and Story."""
