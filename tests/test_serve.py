@@ -163,6 +163,17 @@ def test_the_story_strip_grows_frame_by_frame(client):
     assert Image.open(final).size == strips[-1]
 
 
+def test_a_story_from_an_uploaded_first_frame_keeps_it(client, tmp_path):
+    frame = np.zeros((FRAME, FRAME, 4), np.uint8)
+    frame[4:12, 2:10] = (200, 200, 200, 255)  # an RGBA upload of a grey run: converted, not refused
+    Image.fromarray(frame).save(tmp_path / "first.png")
+    job = client.submit("story", "a bag\nit moves to the right", handle_file(str(tmp_path / "first.png")), 2, 2.0,
+                        0, 1, api_name="/story")
+    strip = pixels(job.result())
+    assert [Image.open(path).size for path in job.outputs()] == [grid_side(2, 2, FRAME)]  # one frame generated
+    np.testing.assert_array_equal(strip[2:2 + FRAME, 2:2 + FRAME], np.asarray(Image.fromarray(frame).convert("L")))
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda c: generate(c, "unloadable"), "no exported weights (model.safetensors missing"),
     (lambda c: generate(c, class_name="Unicorn"), "--class 'Unicorn': unknown class"),

@@ -269,7 +269,7 @@ def build_app(runs_dir: str | Path, scratch: Optional[str | Path] = None) -> gr.
     """The page over the runs under ``runs_dir`` (requests write their files under ``scratch``)."""
     page = Page(runs_dir, scratch)
     rows, lists = page.run_names()
-    with gr.Blocks(title="diffusionforge") as app:
+    with gr.Blocks(title="diffusionforge", analytics_enabled=False) as app:
         gr.Markdown(f"## diffusionforge — runs under `{page.cache.runs_dir}`")
         with gr.Tab("Runs"):
             refresh, table, run = runs_tab(app, page, rows, lists[0])
