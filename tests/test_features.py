@@ -13,12 +13,13 @@ from diffusionforge.metrics.features import FEATURE_NAMES, load_feature_network
 def test_default_features_follow_the_data_family():
     assert choose_features("fashion-mnist-embedded", None) == "fashion-mnist"
     assert choose_features("mnist", None) == "mnist"
-    assert choose_features("folder", "efficientnet") == "efficientnet"
+    assert choose_features("folder", None) == "efficientnet"  # one's own images: ImageNet features
+    assert choose_features("folder", "inception") == "inception"
 
 
-def test_folder_data_needs_explicit_features():
-    with pytest.raises(ConfigError, match="--features: no shipped classifier for data 'folder'"):
-        choose_features("folder", None)
+def test_data_without_a_default_needs_explicit_features():
+    with pytest.raises(ConfigError, match="--features: no shipped classifier for data 'shards'"):
+        choose_features("shards", None)
 
 
 def test_classifier_feature_network_is_recorded_with_its_hash():
