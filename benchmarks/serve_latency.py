@@ -1,9 +1,11 @@
-"""Click-to-image time of `dforge serve`: the default run's 8-image grid at DDIM-50 (or --sampler/--steps).
+"""Click-to-image time of `dforge serve`: the default run's 8-image grid at 50 steps of its sampler (or --sampler/--steps).
 
 A server is started on a free loopback port over the folder holding RUN (in
 this process, as `dforge serve` runs it) and the Generate tab is driven
 through its HTTP API with ``gradio_client``, exactly as a click sends it:
-8 images, the classes in turn, ``ddim``, 50 steps, the run's guidance. The
+8 images, the classes in turn, the run's own sampler (``sample.sampler``:
+flow Euler for the default ``fashion-flow``, DDIM for ``fashion-ddpm``), 50
+steps, the run's guidance. The
 first request includes loading the model (once per server); the following
 ``--repeats`` are the warm clicks. The same grid timed by the library call
 alone (``sample_images``, no server) gives the page's overhead.
@@ -11,8 +13,8 @@ alone (``sample_images``, no server) gives the page's overhead.
 The network's size, not its training, sets the time: any run of the default
 preset will do, e.g. a short one::
 
-    dforge train run_dir=runs/fashion-ddpm-short trainer.max_steps=20
-    python benchmarks/serve_latency.py runs/fashion-ddpm-short [--repeats 5] [--screenshots docs]
+    dforge train run_dir=runs/fashion-flow-short trainer.max_steps=20
+    python benchmarks/serve_latency.py runs/fashion-flow-short [--repeats 5] [--screenshots docs]
 
 ``--screenshots DIR`` also opens the page in a headless system Chromium
 (``serve/browser.py``), presses Generate and writes ``DIR/serve-generate.png``
@@ -29,7 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-SETTINGS = {"class_name": "", "prompt": "", "negative_prompt": "", "sampler": "ddim", "schedule": "",
+SETTINGS = {"class_name": "", "prompt": "", "negative_prompt": "", "sampler": "", "schedule": "",
             "steps": 50, "num": 8, "seed": 0}
 
 
@@ -101,23 +103,22 @@ def screenshots(url: str, out: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path, help="a run of the default preset (fashion-ddpm)")
+    parser.add_argument("run_dir", type=Path, help="a run of the default preset (fashion-flow)")
     parser.add_argument("--repeats", type=int, default=5, help="warm clicks timed (default 5)")
     parser.add_argument("--no-timing", action="store_true", help="only the screenshots")
-    parser.add_argument("--sampler", default="ddim", help="sampler of the timed grid (default ddim)")
+    parser.add_argument("--sampler", default=None, help="sampler of the timed grid (default: the run's own)")
     parser.add_argument("--steps", type=int, default=50, help="its steps (default 50)")
     parser.add_argument("--screenshots", type=Path, default=None, metavar="DIR",
                         help="also write DIR/serve-generate.png and DIR/serve-runs.png (needs chromium)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
-    SETTINGS.update(sampler=args.sampler, steps=args.steps)
-
     from gradio_client import Client
 
     from diffusionforge.runs import open_run
     from diffusionforge.serve.app import launch
 
     run_dir, config = open_run(args.run_dir)
+    SETTINGS.update(sampler=args.sampler or config.sample.sampler, steps=args.steps)
     port = free_port()
     app = launch(args.run_dir.parent, port=port, block=False, quiet=True)  # the folder as given (links kept)
     url = f"http://127.0.0.1:{port}/"

@@ -13,7 +13,7 @@ from ..utils.outputs import JSON, check_output_file
 from .sample import add_sampling_arguments
 
 EXAMPLE = """example:
-  dforge evaluate runs/fashion-ddpm-20261123-101500 --num 10000 --sampler ddim --steps 50 \\
+  dforge evaluate runs/fashion-flow-20261123-101500 --num 10000 --sampler flow_euler --steps 50 \\
       --guidance 2 --seed 0 --features fashion-mnist
 writes RUN_DIR/metrics.json: the numbers and the protocol (samples, sampler, schedule, steps, guidance,
 seed, EMA or raw weights, precision, feature network and its sha256, reference split and size, version,

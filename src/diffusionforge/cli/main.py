@@ -27,15 +27,15 @@ from ..errors import DForgeError, one_line
 EXAMPLES = """examples:
   dforge train                                   # default preset, class-conditional Fashion-MNIST
   dforge train tiny trainer.max_steps=50         # a preset or YAML file, then key=value overrides
-  dforge train --resume runs/fashion-ddpm-20261123-101500
+  dforge train --resume runs/fashion-flow-20261123-101500
   dforge shard tiny --out shards/fashion        # tar shards (webdataset); then data.name=shards data.root=shards/fashion
   dforge cache fashion-ldm-text --out caches/fashion-text    # encode the data once; then data.cache=caches/fashion-text
-  dforge sample runs/fashion-ddpm-20261123-101500 --num 64 --sampler ddim --steps 50 --guidance 2 --out grid.png
+  dforge sample runs/fashion-flow-20261123-101500 --num 64 --sampler flow_euler --steps 50 --guidance 2 --out grid.png
   dforge translate runs/fashion-lbm-sr-20261123-101500 low_res.png --steps 1 --out high_res.png
   dforge story runs/fashion-arldm-20261123-101500 --captions "a sneaker at the top left" "it moves to the right" --out story.png
   dforge convert stable-diffusion-v1-5 --kind vae --to ours --out sd15-vae
   dforge import stable-diffusion-v1-5 --out runs/sd15        # a pretrained pipeline as a run directory
-  dforge plot runs/fashion-ddpm-20261123-101500      # loss.png: train and validation loss against step
+  dforge plot runs/fashion-flow-20261123-101500      # loss.png: train and validation loss against step
   dforge serve runs                              # a local page: browse runs, generate (http://127.0.0.1:7860)
   dforge presets
 """

@@ -14,8 +14,8 @@ the same RUN_DIR/loss.png at the end of every fit; this redraws it, e.g.
 while the run is still training.
 
 examples:
-  dforge plot runs/fashion-ddpm-20261123-101500
-  dforge plot runs/fashion-ddpm-20261123-101500 --out curve.png"""
+  dforge plot runs/fashion-flow-20261123-101500
+  dforge plot runs/fashion-flow-20261123-101500 --out curve.png"""
 
 
 def add_parser(sub) -> None:

@@ -9,14 +9,14 @@ from ..errors import ConfigError
 from ..utils.outputs import PNG, check_output_file
 
 EXAMPLE = """example:
-  dforge sample runs/fashion-ddpm-20261123-101500 --num 64 --sampler ddim --steps 50 \\
+  dforge sample runs/fashion-flow-20261123-101500 --num 64 --sampler flow_euler --steps 50 \\
       --guidance 2 --seed 0 --class 7 --out sneakers.png
-  dforge sample runs/fashion-ddpm-20261123-101500 --sampler dpmpp_2m --schedule karras --steps 10
-  dforge sample runs/fashion-ddpm-20261123-101500 --class Sneaker --num 8
+  dforge sample runs/fashion-flow-20261123-101500 --sampler dpmpp_2m --schedule karras --steps 10
+  dforge sample runs/fashion-flow-20261123-101500 --class Sneaker --num 8
   dforge sample runs/fashion-ldm-text-20261123-101500 --prompt "a photo of a bag" \
       --negative-prompt "a photo of a sneaker" --guidance 3
-  dforge sample runs/fashion-ddpm-20261123-101500 --init-image shoe.png --strength 0.6   (SDEdit)
-  dforge sample runs/fashion-ddpm-20261123-101500 --init-image shoe.png --mask holes.png (white = repaint)"""
+  dforge sample runs/fashion-flow-20261123-101500 --init-image shoe.png --strength 0.6   (SDEdit)
+  dforge sample runs/fashion-flow-20261123-101500 --init-image shoe.png --mask holes.png (white = repaint)"""
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, num: int, batch_size: int,

@@ -6,7 +6,7 @@ import argparse
 import time
 
 DESCRIPTION = """Train a model. With no CONFIG the default preset (class-conditional
-DDPM on the embedded Fashion-MNIST subset) runs. CONFIG is a preset name
+rectified flow on the embedded Fashion-MNIST subset, fashion-flow) runs. CONFIG is a preset name
 (see `dforge presets`) or a YAML file; key=value overrides follow it, e.g.
 trainer.max_steps=500 data.batch_size=64 model.unet.model_channels=32.
 `dforge train fashion-vae` trains a KL autoencoder (task=autoencoder), the

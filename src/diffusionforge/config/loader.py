@@ -19,7 +19,7 @@ from ..errors import ConfigError, DForgeError
 from .schema import ExperimentConfig
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
-DEFAULT_PRESET = "fashion-ddpm"  # what `dforge train` trains with no CONFIG
+DEFAULT_PRESET = "fashion-flow"  # what `dforge train` trains with no CONFIG
 
 
 def list_presets() -> dict[str, Path]:
