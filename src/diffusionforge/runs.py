@@ -134,9 +134,24 @@ def create_run_dir(config: ExperimentConfig) -> tuple[Path, ExperimentConfig]:
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"run_dir {run_dir} exists and is not a directory")
     (run_dir / "samples").mkdir(parents=True, exist_ok=True)
-    config = replace(config, run_dir=str(run_dir))
+    config = replace(absolute_data_paths(config), run_dir=str(run_dir))
     write_text_atomic(run_dir / CONFIG_FILE, config_to_yaml(config))
     return run_dir, config
+
+
+def absolute_data_paths(config: ExperimentConfig) -> ExperimentConfig:
+    """``data.root``, ``data.cache`` and ``data.story.root`` given relative to the working directory, made
+    absolute for the run's config.yaml, so ``--resume``, ``sample`` and ``evaluate`` find them from anywhere.
+    URLs (``pipe:...``, ``s3://...``) and paths that do not exist here are kept as given."""
+    def absolute(value: Optional[str]) -> Optional[str]:
+        if value is None or ":" in value or Path(value).is_absolute() or not Path(value).exists():
+            return value
+        return str(Path(value).resolve())
+
+    data = config.data
+    story = data.story if data.story is None else replace(data.story, root=absolute(data.story.root))
+    data = replace(data, root=absolute(data.root), cache=absolute(data.cache), story=story)
+    return replace(config, data=data)
 
 
 def open_run(run_dir: str | Path, overrides: Sequence[str] = ()) -> tuple[Path, ExperimentConfig]:
