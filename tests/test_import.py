@@ -24,6 +24,7 @@ from diffusionforge.interop.pipelines import scheduler_settings
 from diffusionforge.runs import CLASS_NAMES_FILE, open_run
 from diffusionforge.tasks.diffusion import DiffusionTask, sample_request
 from diffusionforge.tasks.imported import import_pipeline
+from test_text_conditioner import write_clip_vocab
 
 HIDDEN = 32
 TOL = 2 / 255
@@ -32,14 +33,8 @@ SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_li
 
 
 def _tokenizer(directory) -> transformers.CLIPTokenizer:
-    """A CLIP BPE vocabulary of single letters (plus end-of-word forms) and two merges."""
-    directory.mkdir(parents=True, exist_ok=True)
-    letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in [*letters, *(c + "</w>" for c in letters), "ph", "pho"]:
-        vocab[token] = len(vocab)
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\np h\nph o\n")
+    """A CLIP tokenizer over test_text_conditioner's tiny vocabulary of letters and two merges."""
+    write_clip_vocab(directory)
     return transformers.CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"),
                                       model_max_length=77)
 

@@ -31,21 +31,10 @@ from diffusionforge.samplers.ddim import sample_ddim
 from diffusionforge.samplers.sigmas import make_sigmas
 from diffusionforge.samplers.spacing import make_timesteps
 from diffusionforge.tasks.diffusion import build_diffusion_model, resolve_class, sample_images, sample_request
+from test_k_samplers import FixedNet  # a fixed random 3x3 convolution, smooth in t (float64 inside)
 
 SHAPE = (2, 3, 8, 8)
 
-
-class FixedNet:
-    """``net(x, t (B,), cond) -> (B, C, H, W)``: a fixed random 3x3 convolution, smooth in t (float64 inside)."""
-
-    def __init__(self, seed: int = 0, channels: int = 3):
-        g = torch.Generator().manual_seed(seed)
-        self.weight = torch.randn(channels, channels, 3, 3, generator=g, dtype=torch.float64) * 0.3
-
-    def __call__(self, x, t, cond=None):
-        t = torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0]).reshape(-1, 1, 1, 1)
-        y = torch.tanh(torch.nn.functional.conv2d(x.double(), self.weight, padding=1))
-        return (0.7 * x.double() + 0.3 * y * torch.cos(t / 400)).to(x.dtype)
 
 
 def randn(seed, shape=SHAPE):

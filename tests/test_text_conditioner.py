@@ -44,17 +44,25 @@ def _tiny_bert(directory) -> str:
     return str(directory)
 
 
-def _tiny_clip(directory) -> str:
-    """Byte-pair vocabulary of single letters (plus end-of-word forms) and two merges."""
+def write_clip_vocab(directory) -> int:
+    """A CLIP byte-pair vocabulary of single letters (plus end-of-word forms) and two merges in ``directory``
+    (vocab.json, merges.txt); its size."""
+    directory.mkdir(parents=True, exist_ok=True)
     letters = "abcdefghijklmnopqrstuvwxyz"
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for token in [*letters, *(c + "</w>" for c in letters), "ph", "pho"]:
         vocab[token] = len(vocab)
     (directory / "vocab.json").write_text(json.dumps(vocab))
     (directory / "merges.txt").write_text("#version: 0.2\np h\nph o\n")
+    return len(vocab)
+
+
+def _tiny_clip(directory) -> str:
+    """A tiny CLIP text encoder and its tokenizer (write_clip_vocab) in ``directory``."""
+    vocab_size = write_clip_vocab(directory)
     (directory / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "CLIPTokenizer"}))
     torch.manual_seed(0)
-    config = transformers.CLIPTextConfig(vocab_size=len(vocab), hidden_size=HIDDEN, intermediate_size=32,
+    config = transformers.CLIPTextConfig(vocab_size=vocab_size, hidden_size=HIDDEN, intermediate_size=32,
                                          num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
                                          bos_token_id=0, eos_token_id=1, pad_token_id=1)
     transformers.CLIPTextModel(config).save_pretrained(directory)
