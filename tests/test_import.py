@@ -143,6 +143,43 @@ def test_other_scheduler_settings_sample_as_diffusers(sd_pipeline, tmp_path, cha
     assert abs(ours - theirs).max() <= TOL
 
 
+@pytest.mark.parametrize("cls, options, sampler, schedule", [
+    ("EulerDiscreteScheduler", {}, "euler", "discrete"),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "euler", "karras"),
+    ("HeunDiscreteScheduler", {}, "heun", "discrete"),
+    ("DPMSolverMultistepScheduler", {}, "dpmpp_2m", "discrete"),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "dpmpp_2m", "karras"),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}, "dpmpp_3m", "discrete"),
+    ("UniPCMultistepScheduler", {}, "unipc", "discrete"),
+    ("PNDMScheduler", {"skip_prk_steps": True}, "plms", None),
+    ("PNDMScheduler", {}, "pndm", None),
+])
+def test_pipeline_schedulers_sample_as_diffusers(sd_pipeline, tmp_path, cls, options, sampler, schedule):
+    """A pipeline saved with another scheduler, as users swap them (``X.from_config(pipe.scheduler.config)``:
+    steps_offset 1, the class's own spacing), imports with our sampler of that scheduler and samples as the
+    diffusers pipeline does, on its timesteps (the multistep grids, Euler's fractional linspace times)."""
+    pipe, src = sd_pipeline
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "model_index.json"):
+        (variant / part).symlink_to(src / part)
+    scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
+    scheduler.save_pretrained(variant / "scheduler")
+    import_pipeline(variant, tmp_path / "run")
+    config = open_run(tmp_path / "run")[1]
+    assert config.sample.sampler == sampler and config.sample.spacing == scheduler.config.timestep_spacing
+    assert schedule is None or config.sample.schedule == schedule
+    other = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler})
+    other.set_progress_bar_config(disable=True)
+    theirs = other("a photo", num_images_per_prompt=2, num_inference_steps=5, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(2), output_type="np").images
+    ours = _ours(tmp_path / "run", {"caption": ["a photo"] * 2}, 2, 2, 5, 3.0)
+    assert abs(ours - theirs).max() <= TOL
+    ddim = pipe("a photo", num_images_per_prompt=2, num_inference_steps=5, guidance_scale=3.0,
+                generator=torch.Generator().manual_seed(2), output_type="np").images
+    assert abs(ddim - theirs).max() > 4 * TOL  # the schedulers walk apart: the match above says something
+
+
 def test_sd_run_moves_and_converts(sd_pipeline, tmp_path):
     """The text encoder path is relative to the run: a moved run still loads; `dforge convert` takes it."""
     run = tmp_path / "a"
@@ -226,6 +263,21 @@ def test_scheduler_mapping():
                                    "timestep_spacing": "trailing", **SD_SCHEDULER})
     assert settings.process["prediction_type"] == "v" and settings.process["beta_schedule"] == "scaled_linear"
     assert settings.sample == {"sampler": "ddim", "spacing": "trailing", "clip_denoised": False}
+    samplers = {  # (class, options) -> our sampler; DDIM where we have no counterpart
+        ("EulerAncestralDiscreteScheduler", ()): "euler_ancestral",
+        ("DPMSolverMultistepScheduler", (("algorithm_type", "sde-dpmsolver++"),)): "dpmpp_2m_sde",
+        ("DPMSolverMultistepScheduler", (("algorithm_type", "sde-dpmsolver++"), ("solver_order", 3))): "dpmpp_3m_sde",
+        ("DPMSolverMultistepScheduler", (("algorithm_type", "dpmsolver"),)): "ddim",
+        ("UniPCMultistepScheduler", (("solver_type", "bh1"),)): "ddim",
+        ("UniPCMultistepScheduler", (("solver_order", 3),)): "ddim",
+        ("LMSDiscreteScheduler", ()): "ddim",
+        ("DDPMScheduler", ()): "ddim",
+    }
+    for (name, options), sampler in samplers.items():
+        sample = scheduler_settings({"_class_name": name, **SD_SCHEDULER, **dict(options)}).sample
+        assert sample["sampler"] == sampler, name
+    exponential = scheduler_settings({"_class_name": "EulerDiscreteScheduler", "use_exponential_sigmas": True})
+    assert exponential.sample["schedule"] == "exponential"
 
 
 def test_bad_inputs_are_one_line_errors(sd_pipeline, tmp_path, capsys):

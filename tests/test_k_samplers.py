@@ -18,7 +18,7 @@ import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_a_modul
 import pytest
 import torch
 from diffusers import (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler)
+                       HeunDiscreteScheduler, UniPCMultistepScheduler)
 
 import diffusionforge.samplers.dpmpp as dpmpp_module
 import diffusionforge.samplers.k_samplers as k_module
@@ -33,6 +33,7 @@ from diffusionforge.samplers.dpmpp import dpmpp_multistep
 from diffusionforge.samplers.k_samplers import euler, euler_ancestral, heun
 from diffusionforge.samplers.names import SAMPLER_NAMES
 from diffusionforge.samplers.sigmas import make_sigmas
+from diffusionforge.samplers.spacing import make_timesteps
 
 SHAPE = (2, 3, 6, 6)
 PREDICTIONS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -108,7 +109,8 @@ def run_ours(solver, denoiser, scheduler, num_steps, schedule, spacing, noise, *
 
 # ---- schedules -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("schedule", ["discrete-leading", "discrete-trailing", "karras", "exponential"])
+@pytest.mark.parametrize("schedule", ["discrete-leading", "discrete-trailing", "discrete-linspace", "karras",
+                                      "exponential"])
 @pytest.mark.parametrize("num_steps", [1, 7, 25])
 @pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear", "squaredcos_cap_v2"])
 def test_sigma_schedules_match_diffusers(schedule, num_steps, beta_schedule):
@@ -125,6 +127,33 @@ def test_sigma_schedules_match_diffusers(schedule, num_steps, beta_schedule):
         ours = make_sigmas(VPDenoiser(FixedNet(), scheduler.alphas_cumprod), num_steps, name, spacing)
         torch.testing.assert_close(ours.float(), theirs, rtol=2e-6, atol=0)
         assert ours[-1] == 0 and len(ours) == num_steps + 1
+
+
+@pytest.mark.parametrize("num_steps", [1, 7, 25])
+def test_leading_spacing_takes_the_steps_offset(num_steps):
+    """Stable Diffusion's steps_offset = 1 moves every leading timestep up by one in Euler and Heun too."""
+    for cls in (EulerDiscreteScheduler, HeunDiscreteScheduler):
+        scheduler = cls(beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+        scheduler.set_timesteps(num_steps)
+        theirs = scheduler.sigmas if cls is EulerDiscreteScheduler else torch.cat(
+            [scheduler.sigmas[:1], scheduler.sigmas[1:-1:2], scheduler.sigmas[-1:]])
+        ours = make_sigmas(VPDenoiser(FixedNet(), scheduler.alphas_cumprod), num_steps, "discrete", "leading", 1)
+        torch.testing.assert_close(ours.float(), theirs, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("cls", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
+@pytest.mark.parametrize("spacing,offset", [("leading", 0), ("leading", 1), ("linspace", 0), ("trailing", 0)])
+@pytest.mark.parametrize("num_steps", [1, 7, 12, 25])
+def test_multistep_grid_matches_diffusers(cls, spacing, offset, num_steps):
+    """DPM-Solver++ and UniPC space leading / linspace timesteps over n + 1 points and drop the last."""
+    scheduler = cls(beta_schedule="scaled_linear", timestep_spacing=spacing, steps_offset=offset)
+    scheduler.set_timesteps(num_steps)
+    assert torch.equal(make_timesteps(1000, num_steps, spacing, offset, multistep=True), scheduler.timesteps)
+    ours = make_sigmas(VPDenoiser(FixedNet(), scheduler.alphas_cumprod), num_steps, "discrete", spacing, offset,
+                       multistep=True)
+    torch.testing.assert_close(ours.float(), scheduler.sigmas, rtol=2e-6, atol=0)
+    if spacing != "trailing":  # not the single-scheduler grid
+        assert not torch.equal(make_timesteps(1000, num_steps, spacing, offset), scheduler.timesteps)
 
 
 @pytest.mark.parametrize("schedule", ["karras", "exponential", "discrete-trailing"])

@@ -66,17 +66,18 @@ def seen_timesteps(denoise):
 
 # ---------------------------------------------------------------- UniPC
 # (schedule, spacing, steps_offset, through): "sample" is the registry function on our sigma schedule
-# (sigmas.py, the same as diffusers' for trailing and Karras); "solver" runs unipc on diffusers' own grid,
-# whose leading / linspace spacing (n + 1 points, 0 dropped) differs from sigmas.py's.
+# (sigmas.py with the multistep grid: n + 1 points, 0 dropped, for leading / linspace, the process's
+# steps_offset); "solver" runs unipc on the sigmas of diffusers' scheduler.
 UNIPC_CASES = [("discrete", "trailing", 0, "sample"), ("karras", "linspace", 0, "sample"),
-               ("discrete", "leading", 1, "solver"), ("discrete", "linspace", 0, "solver")]
+               ("discrete", "leading", 1, "sample"), ("discrete", "linspace", 0, "sample"),
+               ("discrete", "leading", 1, "solver")]
 
 
 @pytest.mark.parametrize("prediction_type,diffusers_prediction", PREDICTIONS)
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("schedule,spacing,offset,through", UNIPC_CASES)
 def test_unipc_matches_diffusers(prediction_type, diffusers_prediction, order, schedule, spacing, offset, through):
-    process = process_for("scaled_linear", 0.00085, 0.012, prediction_type=prediction_type)
+    process = process_for("scaled_linear", 0.00085, 0.012, prediction_type=prediction_type, steps_offset=offset)
     for num_steps in (6, 15):
         scheduler = unipc_scheduler(process, num_steps, prediction=diffusers_prediction, order=order,
                                     spacing=spacing, karras=schedule == "karras", steps_offset=offset)
@@ -182,24 +183,25 @@ PSEUDO = [(sample_pndm, False), (sample_plms, True)]  # (ours, diffusers' skip_p
 @pytest.mark.parametrize("set_alpha_to_one", [False, True])
 def test_pndm_plms_match_diffusers(sampler, skip_prk_steps, spacing, offset, set_alpha_to_one):
     # Step counts that divide T: diffusers steps to t - T // n, which is the next timestep only then.
-    process = process_for("scaled_linear", 0.00085, 0.012)
+    # the float64 run reads steps_offset / set_alpha_to_one from the process config (as the registry calls it);
+    # the float32 one passes them to a process of default settings
+    process = process_for("scaled_linear", 0.00085, 0.012, steps_offset=offset, set_alpha_to_one=set_alpha_to_one)
     for num_steps in (4, 10, 25):
         scheduler = pndm_scheduler(process, num_steps, skip_prk_steps=skip_prk_steps, spacing=spacing,
                                    steps_offset=offset, set_alpha_to_one=set_alpha_to_one)
         x_T = randn(40, torch.float64)
         ref = diffusers_loop(scheduler, ToyDenoiser(dtype=torch.float64), x_T, scheduler.timesteps)
         denoise = ToyDenoiser(dtype=torch.float64)
-        ours = sampler(denoise, process, x_T, num_steps=num_steps, spacing=spacing, steps_offset=offset,
-                       set_alpha_to_one=set_alpha_to_one, progress=False)
+        ours = sampler(denoise, process, x_T, num_steps=num_steps, spacing=spacing, progress=False)
         assert_near(ours.sample, ref, EXACT)
         assert torch.equal(seen_timesteps(denoise), scheduler.timesteps)  # the Runge-Kutta midpoints too
-        ours32 = sampler(ToyDenoiser(), process, x_T.float(), num_steps=num_steps, spacing=spacing,
+        ours32 = sampler(ToyDenoiser(), process_for("scaled_linear", 0.00085, 0.012), x_T.float(), num_steps=num_steps, spacing=spacing,
                          steps_offset=offset, set_alpha_to_one=set_alpha_to_one, progress=False)
         assert_near(ours32.sample, ref, FLOAT32)
 
 
 def test_plms_single_step_matches_diffusers():
-    process = process_for("linear", 1e-4, 2e-2)
+    process = process_for("linear", 1e-4, 2e-2, set_alpha_to_one=False)  # PNDMScheduler's default
     scheduler = pndm_scheduler(process, 1, skip_prk_steps=True)
     x_T = randn(41, torch.float64)
     ref = diffusers_loop(scheduler, ToyDenoiser(dtype=torch.float64), x_T, scheduler.timesteps)
@@ -217,7 +219,7 @@ def test_pndm_plms_read_each_output_as_eps(sampler, skip_prk_steps, prediction_t
     (diffusers' own v mode combines the raw v outputs and converts them once
     at the step's start; see test_pndm_v_per_point_is_more_accurate.)
     """
-    process = process_for("scaled_linear", 0.00085, 0.012, prediction_type=prediction_type)
+    process = process_for("scaled_linear", 0.00085, 0.012, prediction_type=prediction_type, set_alpha_to_one=False)
     net = ToyDenoiser(dtype=torch.float64)
 
     def as_eps(x, t, cond=None):
@@ -233,7 +235,7 @@ def test_pndm_plms_read_each_output_as_eps(sampler, skip_prk_steps, prediction_t
 def test_pndm_v_per_point_is_more_accurate():
     """Why v is converted per point: on Gaussian data (exact ODE known) it is several times closer
     to the solution than diffusers' PNDMScheduler(prediction_type="v_prediction")."""
-    process = process_for("scaled_linear", 0.00085, 0.012, prediction_type="v")
+    process = process_for("scaled_linear", 0.00085, 0.012, prediction_type="v", set_alpha_to_one=False)
     mu, s = randn(43, torch.float64) * 0.3, 0.5
     eps_net = gaussian_data_net(process, mu, s)
 
@@ -315,7 +317,8 @@ def test_callback_intermediates_and_calls(name):
     assert all(r[3] == SHAPE for r in record)
     assert len(denoise.calls) == CALLS[name](8)
     if name == "unipc":  # levels are sigmas
-        assert [r[1] for r in record] == make_sigmas(process.denoiser(denoise), 8, "discrete", "leading")[:-1].tolist()
+        assert [r[1] for r in record] == make_sigmas(process.denoiser(denoise), 8, "discrete", "leading",
+                                                     multistep=True)[:-1].tolist()
     else:
         assert [r[1] for r in record] == make_timesteps(1000, 8, "leading").tolist()
 

@@ -20,7 +20,8 @@ The scheduler's ``scheduler_config.json`` becomes the process
 ``beta_schedule``: linear, scaled_linear, squaredcos_cap_v2 = cosine),
 ``prediction_type`` (epsilon -> eps, v_prediction -> v, sample -> x0),
 ``steps_offset``, ``set_alpha_to_one``, ``timestep_spacing``,
-``clip_sample`` and ``rescale_betas_zero_snr``. One known difference: with
+``clip_sample`` and ``rescale_betas_zero_snr``; the scheduler's class picks
+the run's sampler (``scheduler_sampler``). One known difference: with
 ``clip_sample: true`` our DDIM (``sample.clip_denoised``) re-derives eps from
 the clamped x0 (improved-diffusion), diffusers' DDIMScheduler keeps the raw eps;
 Stable Diffusion's schedulers do not clip.
@@ -44,13 +45,18 @@ PIPELINE_PARTS = {SD_PIPELINE: ("unet", "vae", "text_encoder", "tokenizer", "sch
 COMPVIS_TEXT_PREFIX = "cond_stage_model.transformer."  # OpenAI CLIP (HF CLIPTextModel keys) in a CompVis SD file
 SD_V1_TOKENS = 77
 
-# diffusers scheduler classes whose config describes a discrete Gaussian process. The run samples with
-# DDIM (``sample.sampler: ddim``) whatever the class: our DDIM reads steps_offset and set_alpha_to_one from
-# the process, and equals DDIMScheduler.from_config(pipeline.scheduler.config); the other samplers
-# (euler, dpmpp_2m, pndm, ...) take --sampler but do not read steps_offset / set_alpha_to_one.
+# diffusers scheduler classes whose config describes a discrete Gaussian process, and the sampler a run
+# imported with one samples with by default (``sample.sampler``; ``--sampler`` picks another). Every one
+# reads steps_offset from the process (and DDIM / PNDM / PLMS set_alpha_to_one), so the run walks the
+# pipeline scheduler's own timesteps. Where ours has no counterpart (DDPM's and LMS's, DPM-Solver's
+# non-"++" and bh1 variants) the run samples with DDIM.
 KNOWN_SCHEDULERS = ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler",
                     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
                     "UniPCMultistepScheduler", "LMSDiscreteScheduler")
+_SAMPLERS = {"EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_ancestral",
+             "HeunDiscreteScheduler": "heun"}
+_DPM_SOLVERS = {("dpmsolver++", 2): "dpmpp_2m", ("dpmsolver++", 3): "dpmpp_3m",
+                ("sde-dpmsolver++", 2): "dpmpp_2m_sde", ("sde-dpmsolver++", 3): "dpmpp_3m_sde"}
 _BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _SPACINGS = ("leading", "trailing", "linspace")
@@ -95,7 +101,27 @@ def scheduler_settings(config: Mapping[str, Any], source: Any = "scheduler confi
     )
     sample = dict(sampler="ddim", spacing=spacing,
                   clip_denoised=bool(config.get("clip_sample", name in ("DDIMScheduler", "DDPMScheduler"))))
-    return SchedulerSettings(process, sample)
+    return SchedulerSettings(process, {**sample, **scheduler_sampler(name, config)})
+
+
+def scheduler_sampler(name: str, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``sample.sampler`` (and ``sample.schedule``) of our samplers that walk as scheduler class ``name``
+    with ``config`` does; empty where DDIM stands in (see ``KNOWN_SCHEDULERS``)."""
+    if name == "PNDMScheduler":
+        return {"sampler": "plms" if config.get("skip_prk_steps", False) else "pndm"}
+    if name == "DPMSolverMultistepScheduler":
+        sampler = _DPM_SOLVERS.get((config.get("algorithm_type", "dpmsolver++"), int(config.get("solver_order", 2))))
+    elif name == "UniPCMultistepScheduler":
+        ours = (config.get("solver_type", "bh2") == "bh2" and int(config.get("solver_order", 2)) == 2
+                and config.get("predict_x0", True))
+        sampler = "unipc" if ours else None
+    else:
+        sampler = _SAMPLERS.get(name)
+    if sampler is None:
+        return {}
+    schedule = ("karras" if config.get("use_karras_sigmas") else
+                "exponential" if config.get("use_exponential_sigmas") else "discrete")
+    return {"sampler": sampler, "schedule": schedule}
 
 
 def sd_v1_scheduler_settings() -> SchedulerSettings:

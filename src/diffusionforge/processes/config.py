@@ -51,8 +51,8 @@ class GaussianDiffusionConfig:
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (Hang et al. 2023), in its form for the prediction type; 0 = off
     offset_noise: float = 0.0  # training noise eps + s * N(0, 1) per (B, C, 1, 1) (Guttenberg 2023); 0 = off
     rescale_betas_zero_snr: bool = False  # rescale the betas to zero terminal SNR (Lin et al. 2024, Alg. 1); needs v, sample with spacing=trailing
-    steps_offset: int = 0  # DDIM: added to the timesteps of spacing=leading (diffusers' steps_offset; Stable Diffusion: 1)
-    set_alpha_to_one: bool = True  # DDIM: the last step lands on abar = 1 (True), or on abar_0 (diffusers' set_alpha_to_one=False, Stable Diffusion)
+    steps_offset: int = 0  # DDIM, PNDM/PLMS and the sigma samplers (not DDPM): added to the timesteps of spacing=leading (diffusers' steps_offset; Stable Diffusion: 1)
+    set_alpha_to_one: bool = True  # DDIM, PNDM/PLMS: the last step lands on abar = 1 (True), or on abar_0 (diffusers' set_alpha_to_one=False, Stable Diffusion)
 
     def __post_init__(self) -> None:
         _validate_config(self)

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from diffusionforge.processes.gaussian import GaussianDiffusion
+from diffusionforge.samplers.ddim import scheduler_options
 from diffusionforge.samplers.loop import (
     Callback,
     Cond,
@@ -103,8 +104,8 @@ def sample_pndm(
     num_steps: int = 50,
     runge_kutta: bool = True,
     spacing: Spacing = "leading",
-    steps_offset: int = 0,
-    set_alpha_to_one: bool = False,
+    steps_offset: Optional[int] = None,
+    set_alpha_to_one: Optional[bool] = None,
     clip_denoised: bool = False,
     generator: Optional[torch.Generator] = None,
     known_mask: Optional[Tensor] = None,
@@ -119,18 +120,23 @@ def sample_pndm(
     ``num_steps >= 4`` steps over ``make_timesteps(T, num_steps, spacing,
     steps_offset)``, ``num_steps + 9`` network calls; ``runge_kutta=False``
     is PLMS (``sample_plms``). ``set_alpha_to_one``: the last step lands on
-    abar = 1 instead of abar_0. Deterministic: ``generator`` only feeds the
+    abar = 1 instead of abar_0. ``steps_offset`` and ``set_alpha_to_one``
+    default to the process config's (diffusers' scheduler settings, as
+    DDIM reads them: ``ddim.scheduler_options``). Deterministic: ``generator`` only feeds the
     inpainting noise of the known region. ``clip_denoised`` clamps the x0
     each eps is read from to [-1, 1].
     """
     if runge_kutta and num_steps < PRK_STEPS + 1:
         raise ValueError(f"PNDM needs num_steps >= {PRK_STEPS + 1} ({PRK_STEPS} Runge-Kutta steps first), "
                          f"got {num_steps}")
+    config_offset, config_final = scheduler_options(process)
+    steps_offset = config_offset if steps_offset is None else steps_offset
     timesteps = make_timesteps(process.num_timesteps, num_steps, spacing, steps_offset)
     if float(process.alphas_cumprod[timesteps[0]]) <= 0:  # Eq. 9 divides by abar_t; eps is undefined there
         raise ValueError(f"PNDM/PLMS step in eps, undefined at abar = 0 (zero terminal SNR at "
                          f"t = {int(timesteps[0])}); use spacing leading or linspace, or a sigma sampler")
-    final_abar = 1.0 if set_alpha_to_one else float(process.alphas_cumprod[0])
+    final_abar = config_final if set_alpha_to_one is None else (
+        1.0 if set_alpha_to_one else float(process.alphas_cumprod[0]))
     ets: List[Tensor] = []  # eps at the start of each step so far
 
     def eps_at(x: Tensor, t: int) -> Tensor:

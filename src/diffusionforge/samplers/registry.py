@@ -46,10 +46,10 @@ SAMPLERS.update({  # the sigma samplers: any process, through process.denoiser
     "euler": SamplerEntry(registry_sampler(euler), SIGMA_OPTIONS + CHURN_OPTIONS, ALL_OBJECTIVES),
     "euler_ancestral": SamplerEntry(registry_sampler(euler_ancestral), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
     "heun": SamplerEntry(registry_sampler(heun), SIGMA_OPTIONS + CHURN_OPTIONS, ALL_OBJECTIVES),
-    "dpmpp_2m": SamplerEntry(registry_sampler(dpmpp_2m), SIGMA_OPTIONS, ALL_OBJECTIVES),
-    "dpmpp_3m": SamplerEntry(registry_sampler(dpmpp_3m), SIGMA_OPTIONS, ALL_OBJECTIVES),
-    "dpmpp_2m_sde": SamplerEntry(registry_sampler(dpmpp_2m_sde), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
-    "dpmpp_3m_sde": SamplerEntry(registry_sampler(dpmpp_3m_sde), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
+    "dpmpp_2m": SamplerEntry(registry_sampler(dpmpp_2m, multistep=True), SIGMA_OPTIONS, ALL_OBJECTIVES),
+    "dpmpp_3m": SamplerEntry(registry_sampler(dpmpp_3m, multistep=True), SIGMA_OPTIONS, ALL_OBJECTIVES),
+    "dpmpp_2m_sde": SamplerEntry(registry_sampler(dpmpp_2m_sde, multistep=True), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
+    "dpmpp_3m_sde": SamplerEntry(registry_sampler(dpmpp_3m_sde, multistep=True), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
     "unipc": SamplerEntry(sample_unipc, SIGMA_OPTIONS, ALL_OBJECTIVES),  # bh2, order 2
 })
 SAMPLERS["flow_euler"] = SamplerEntry(sample_flow_euler, ("clip_denoised",), ("flow",))  # flow time, diffusers' grid

@@ -22,8 +22,10 @@ A *solver* (``k_samplers.py``, ``dpmpp.py``) has one signature over a
 
 ``registry_sampler(solver)`` turns a solver into a registry function
 (``samplers/__init__.py``): it asks the process for its denoiser, makes the
-sigma schedule, scales the standard normal ``x_T`` to ``sigmas[0]`` with
-``Denoiser.prior_scale`` and runs the solver.
+sigma schedule (the ``discrete`` one with the process's ``steps_offset``, on
+the ``n + 1``-point grid of diffusers' multistep schedulers for a
+``multistep`` solver), scales the standard normal ``x_T`` to ``sigmas[0]``
+with ``Denoiser.prior_scale`` and runs the solver.
 """
 
 from __future__ import annotations
@@ -89,8 +91,14 @@ class Clamped:
         return getattr(self.denoiser, name)  # sigmas, sigma_min, sigma_max, sigma_to_t, ...
 
 
-def registry_sampler(solver: Solver) -> Callable[..., SampleOutput]:
-    """The registry function (one signature, ``samplers/__init__.py``) of a sigma ``solver``."""
+def steps_offset_of(process) -> int:
+    """The process config's ``steps_offset`` (diffusers'; 0 where the process has none)."""
+    return int(getattr(getattr(process, "config", None), "steps_offset", 0))
+
+
+def registry_sampler(solver: Solver, multistep: bool = False) -> Callable[..., SampleOutput]:
+    """The registry function (one signature, ``samplers/__init__.py``) of a sigma ``solver``; ``multistep``:
+    its ``discrete`` timesteps as diffusers' multistep schedulers space them (DPM-Solver++, UniPC)."""
 
     def sample(denoise: DenoiseFn, process, x_T: Tensor, cond: Cond = None, *, num_steps: int = 50,
                schedule: ScheduleName = "discrete", spacing: Spacing = "leading", clip_denoised: bool = False,
@@ -98,7 +106,7 @@ def registry_sampler(solver: Solver) -> Callable[..., SampleOutput]:
                x0_known: Optional[Tensor] = None, callback: Optional[Callback] = None, progress: bool = True,
                return_intermediates: bool = False, **options) -> SampleOutput:
         denoiser = process.denoiser(denoise)
-        sigmas = make_sigmas(denoiser, num_steps, schedule, spacing)
+        sigmas = make_sigmas(denoiser, num_steps, schedule, spacing, steps_offset_of(process), multistep)
         img2img = options.get("x_init") is not None  # x_T is the noise added to x_init (loop.walk)
         x = x_T if img2img else x_T * denoiser.prior_scale(float(sigmas[0]))
         model = Clamped(denoiser) if clip_denoised else denoiser

@@ -13,15 +13,20 @@ Each returns ``num_steps + 1`` float64 levels ``sigma_0 > ... > sigma_{n-1} > si
 
 ``s_min``/``s_max`` are the denoiser's ``sigma_min``/``sigma_max`` (its whole
 trained range, as k-diffusion and diffusers' default ``linspace`` spacing
-give); the spacing applies to ``discrete`` only. ``discrete`` with
-``linspace`` rounds the timesteps to integers (``spacing.py``, as DDIM does)
-where diffusers' Euler schedulers interpolate at fractional ones.
+give); the spacing applies to ``discrete`` only, with the process's
+``steps_offset`` for ``leading`` (diffusers'; Stable Diffusion's is 1) and,
+for the multistep solvers (DPM-Solver++, UniPC), the ``n + 1``-point grid of
+diffusers' multistep schedulers (``spacing.py``). ``discrete`` with
+``linspace`` visits fractional times ``linspace(0, T - 1, n)`` with sigma
+linear between the table's levels, as diffusers' Euler and Heun schedulers
+do (the multistep solvers round them, ``spacing.py``).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -36,10 +41,15 @@ def _with_zero(sigmas: Tensor) -> Tensor:
     return torch.cat([sigmas.to(torch.float64), sigmas.new_zeros(1, dtype=torch.float64)])
 
 
-def discrete_sigmas(table: Tensor, num_steps: int, spacing: Spacing = "leading") -> Tensor:
+def discrete_sigmas(table: Tensor, num_steps: int, spacing: Spacing = "leading", steps_offset: int = 0,
+                    multistep: bool = False) -> Tensor:
     """``(num_steps + 1,)``: ``table`` (ascending, one level per training time) at the spaced timesteps, then 0."""
-    timesteps = make_timesteps(len(table), num_steps, spacing)  # descending
-    return _with_zero(table.detach().cpu().to(torch.float64)[timesteps])
+    table = table.detach().cpu().to(torch.float64)
+    if spacing == "linspace" and not multistep:  # fractional times, sigma linear between the table's levels
+        times = np.linspace(0, len(table) - 1, num_steps)[::-1]
+        return _with_zero(torch.from_numpy(np.interp(times, np.arange(len(table)), table.numpy())))
+    timesteps = make_timesteps(len(table), num_steps, spacing, steps_offset, multistep)  # descending
+    return _with_zero(table[timesteps])
 
 
 def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float = KARRAS_RHO) -> Tensor:
@@ -55,12 +65,13 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, num_steps: int) -> Te
 
 
 def make_sigmas(denoiser: Denoiser, num_steps: int, schedule: ScheduleName = "discrete",
-                spacing: Spacing = "leading") -> Tensor:
-    """The ``(num_steps + 1,)`` float64 levels of ``schedule`` for ``denoiser``."""
+                spacing: Spacing = "leading", steps_offset: int = 0, multistep: bool = False) -> Tensor:
+    """The ``(num_steps + 1,)`` float64 levels of ``schedule`` for ``denoiser`` (``steps_offset`` and
+    ``multistep``: the ``discrete`` grid, ``spacing.make_timesteps``)."""
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if schedule == "discrete":
-        return discrete_sigmas(denoiser.sigmas, num_steps, spacing)
+        return discrete_sigmas(denoiser.sigmas, num_steps, spacing, steps_offset, multistep)
     if schedule == "karras":
         return karras_sigmas(denoiser.sigma_min, denoiser.sigma_max, num_steps)
     if schedule == "exponential":

@@ -13,6 +13,16 @@ semantics exactly (the tests compare against ``DDIMScheduler.timesteps``):
 ``T`` = ``num_train_timesteps``, ``n`` = ``num_steps``; ``steps_offset``
 applies to ``leading`` only (as in diffusers; Stable Diffusion uses 1).
 Rounding is half-to-even, as numpy's.
+
+diffusers' multistep solvers (``DPMSolverMultistepScheduler``,
+``UniPCMultistepScheduler``) space ``n + 1`` points and drop the last one
+(t = 0) for ``leading`` and ``linspace``; ``multistep=True`` gives their grid:
+
+    ========  ==================================================
+    leading   arange(1, n + 1) * (T // (n + 1)) + steps_offset
+    linspace  round(linspace(0, T - 1, n + 1))[1:]
+    trailing  as above (the same in every scheduler)
+    ========  ==================================================
 """
 
 from __future__ import annotations
@@ -27,18 +37,22 @@ Spacing = Literal["leading", "trailing", "linspace"]
 
 
 def make_timesteps(
-    num_train_timesteps: int, num_steps: int, spacing: Spacing = "leading", steps_offset: int = 0
+    num_train_timesteps: int, num_steps: int, spacing: Spacing = "leading", steps_offset: int = 0,
+    multistep: bool = False,
 ) -> Tensor:
-    """Descending LongTensor ``(num_steps,)`` of timesteps in ``0 .. T-1``."""
+    """Descending LongTensor ``(num_steps,)`` of timesteps in ``0 .. T-1`` (``multistep``: the grid of
+    diffusers' multistep solvers, ``n + 1`` points without the last)."""
     T, n = num_train_timesteps, num_steps
-    if not 1 <= n <= T:
-        raise ValueError(f"num_steps must be in 1..{T}, got {n}")
+    most = T - 1 if multistep and spacing != "trailing" else T
+    if not 1 <= n <= most:
+        raise ValueError(f"num_steps must be in 1..{most}, got {n}")
     if spacing == "leading":
-        steps = np.arange(0, n) * (T // n) + steps_offset
+        points = n + 1 if multistep else n
+        steps = np.arange(points - n, points) * (T // points) + steps_offset
     elif spacing == "trailing":
         steps = np.round(np.arange(T, 0, -T / n)) - 1
     elif spacing == "linspace":
-        steps = np.round(np.linspace(0, T - 1, n))
+        steps = np.round(np.linspace(0, T - 1, n + 1))[1:] if multistep else np.round(np.linspace(0, T - 1, n))
     else:
         raise ValueError(f"spacing must be one of 'leading', 'trailing', 'linspace', got {spacing!r}")
     steps = np.sort(steps.astype(np.int64))[::-1].copy()

@@ -41,10 +41,9 @@ ones (``lower_order_final``); the last step goes to sigma = 0, where UniP-1
 returns the denoiser's x0.
 
 ``unipc`` is a solver of ``sigma_sampler.py`` (any descending sigmas ending
-in 0); ``sample_unipc`` its registry function. diffusers' UniPC spaces its
-``leading`` / ``linspace`` timesteps over ``n + 1`` points (as its
-DPM-Solver++ does), ``sigmas.py`` as DDIM and Euler do; ``trailing``, Karras
-and exponential schedules are the same in both.
+in 0); ``sample_unipc`` its registry function, on the ``discrete`` grid of
+diffusers' UniPC: ``leading`` / ``linspace`` timesteps over ``n + 1`` points
+(as its DPM-Solver++ does, ``spacing.py``), ``steps_offset`` from the process.
 """
 
 from __future__ import annotations
@@ -155,4 +154,4 @@ def unipc(denoiser: Denoiser, x: Tensor, sigmas: Tensor, cond: Cond = None, *,
 
 
 # The registry function: process.denoiser(denoise), a sigma schedule (sigmas.py), x_T scaled to sigmas[0].
-sample_unipc = registry_sampler(unipc)
+sample_unipc = registry_sampler(unipc, multistep=True)
