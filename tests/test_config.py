@@ -29,6 +29,17 @@ def test_yaml_file_layer(tmp_path):
     assert (config.name, config.trainer.max_steps, config.seed) == ("mine", 11, 3)
 
 
+def test_a_yaml_file_without_a_name_names_runs_after_itself(tmp_path):
+    path = tmp_path / "my-experiment.yaml"
+    path.write_text("optim:\n  lr: 0.003\n")
+    assert load_config(str(path)).name == "my-experiment"
+    assert load_config(str(path), ["name=other"]).name == "other"
+    named = tmp_path / "file.yaml"
+    named.write_text("name: kept\n")
+    assert load_config(str(named)).name == "kept"
+    assert load_config("fashion-flow").name == "fashion-flow"
+
+
 @pytest.mark.parametrize("override, pattern", [
     ("model.unet.nonsense=1", "unknown config key 'model.unet.nonsense'"),
     ("trainer.max_steps=abc", "trainer.max_steps"),

@@ -146,7 +146,8 @@ def _data_shape_from_files(preset: Optional[DictConfig], overrides: DictConfig) 
 
 def load_config(name_or_path: Optional[str] = None,
                 overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Defaults, then the YAML file or preset, then the overrides.
+    """Defaults, then the YAML file or preset, then the overrides; a YAML file without ``name`` names its
+    runs after itself (``my-experiment.yaml`` -> ``runs/my-experiment-<time>``).
 
     A preset's data.image_size / channels / val_size describe its own images:
     overrides that set data.name=folder (or paired-folder) drop them, so the
@@ -155,7 +156,10 @@ def load_config(name_or_path: Optional[str] = None,
     schema = OmegaConf.structured(ExperimentConfig)
     preset = None
     if name_or_path is not None:
-        preset = _rename_legacy_keys(_load_yaml(resolve_config_path(name_or_path)))
+        path = resolve_config_path(name_or_path)
+        preset = _rename_legacy_keys(_load_yaml(path))
+        if OmegaConf.select(preset, "name", default=None) is None:  # a user's YAML names its runs by its file
+            preset = OmegaConf.merge(preset, {"name": path.stem})
     override_layer = _rename_legacy_keys(_parse_overrides(overrides))
     layers = _data_shape_from_files(preset, override_layer)
     try:
