@@ -118,6 +118,20 @@ def test_sd_pipeline_import_samples_as_diffusers(sd_pipeline, tmp_path):
     assert abs(theirs[0] - theirs[1]).max() > 10 * TOL  # the noise differs per image: not a vacuous match
 
 
+def _with_scheduler(pipe, src, scheduler, tmp_path):
+    """``src`` saved again with ``scheduler`` (its other parts linked), imported as ``tmp_path / "run"``;
+    returns the diffusers pipeline with that scheduler and the run's config."""
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "model_index.json"):
+        (variant / part).symlink_to(src / part)
+    scheduler.save_pretrained(variant / "scheduler")
+    import_pipeline(variant, tmp_path / "run")
+    other = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler})
+    other.set_progress_bar_config(disable=True)
+    return other, open_run(tmp_path / "run")[1]
+
+
 @pytest.mark.parametrize("change", [
     {"prediction_type": "v_prediction", "timestep_spacing": "trailing", "set_alpha_to_one": True},
     {"steps_offset": 0, "clip_sample": True, "beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
@@ -126,17 +140,9 @@ def test_other_scheduler_settings_sample_as_diffusers(sd_pipeline, tmp_path, cha
     """v-prediction, trailing spacing, set_alpha_to_one and linear betas reach our DDIM as diffusers' DDIM;
     an outdated steps_offset / clip_sample is fixed up as StableDiffusionPipeline does (offset 1, no clipping)."""
     pipe, src = sd_pipeline
-    variant = tmp_path / "variant"
-    variant.mkdir()
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "model_index.json"):
-        (variant / part).symlink_to(src / part)
-    scheduler = diffusers.DDIMScheduler(**{**SD_SCHEDULER, **change})
-    scheduler.save_pretrained(variant / "scheduler")
-    import_pipeline(variant, tmp_path / "run")
-    process = open_run(tmp_path / "run")[1].model.process
+    other, config = _with_scheduler(pipe, src, diffusers.DDIMScheduler(**{**SD_SCHEDULER, **change}), tmp_path)
+    process = config.model.process
     assert process.steps_offset == 1 and process.linear_end == change.get("beta_end", 0.012)
-    other = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler})
-    other.set_progress_bar_config(disable=True)
     theirs = other("a photo", num_images_per_prompt=2, num_inference_steps=4, guidance_scale=3.0,
                    generator=torch.Generator().manual_seed(1), output_type="np").images
     ours = _ours(tmp_path / "run", {"caption": ["a photo"] * 2}, 2, 1, 4, 3.0)
@@ -159,18 +165,10 @@ def test_pipeline_schedulers_sample_as_diffusers(sd_pipeline, tmp_path, cls, opt
     steps_offset 1, the class's own spacing), imports with our sampler of that scheduler and samples as the
     diffusers pipeline does, on its timesteps (the multistep grids, Euler's fractional linspace times)."""
     pipe, src = sd_pipeline
-    variant = tmp_path / "variant"
-    variant.mkdir()
-    for part in ("unet", "vae", "text_encoder", "tokenizer", "model_index.json"):
-        (variant / part).symlink_to(src / part)
     scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **options)
-    scheduler.save_pretrained(variant / "scheduler")
-    import_pipeline(variant, tmp_path / "run")
-    config = open_run(tmp_path / "run")[1]
+    other, config = _with_scheduler(pipe, src, scheduler, tmp_path)
     assert config.sample.sampler == sampler and config.sample.spacing == scheduler.config.timestep_spacing
     assert schedule is None or config.sample.schedule == schedule
-    other = diffusers.StableDiffusionPipeline(**{**pipe.components, "scheduler": scheduler})
-    other.set_progress_bar_config(disable=True)
     theirs = other("a photo", num_images_per_prompt=2, num_inference_steps=5, guidance_scale=3.0,
                    generator=torch.Generator().manual_seed(2), output_type="np").images
     ours = _ours(tmp_path / "run", {"caption": ["a photo"] * 2}, 2, 2, 5, 3.0)
