@@ -11,6 +11,7 @@ import json
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,8 +139,8 @@ def test_fsdp_trains_as_ddp_does(tmp_path, model, fsdp_only):
     assert (tmp_path / "fsdp" / "model.safetensors").is_file()
 
 
-PROBE = """
-import os, sys
+PROBE = r"""
+import hashlib, os, sys
 import lightning as L
 import torch
 from diffusionforge import training
@@ -164,12 +165,32 @@ class Probe(L.Callback):
                         "batches_per_epoch": trainer.num_training_batches}, os.environ["PROBE_OUT"])
 
 
+class Seen(L.Callback):
+    '''Each process appends (epoch, sha1 of each image) of its training batches to RECORD_OUT.<rank>; rank 0 writes
+    the hashes of the whole training split to RECORD_OUT.all.'''
+
+    def on_train_start(self, trainer, module):
+        if trainer.is_global_zero:
+            dataset = trainer.datamodule.train_set
+            with open(os.environ["RECORD_OUT"] + ".all", "w") as out:
+                out.writelines(digest(dataset[i]["image"]) + "\n" for i in range(len(dataset)))
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        with open(f"{os.environ['RECORD_OUT']}.{trainer.global_rank}", "a") as out:
+            out.writelines(f"{trainer.current_epoch} {digest(image)}\n" for image in batch["image"])
+
+
+def digest(image):
+    return hashlib.sha1(image.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
 make_trainer = training.make_trainer
 
 
 def probed_trainer(*args, **kwargs):
     trainer = make_trainer(*args, **kwargs)
     trainer.callbacks.append(Probe())
+    trainer.callbacks.append(Seen())
     return trainer
 
 
@@ -182,29 +203,45 @@ def processes(count: int, strategy: str) -> list[str]:
     return ["trainer.accelerator=cpu", f"trainer.devices={count}", f"trainer.strategy={strategy}"]
 
 
-@pytest.mark.parametrize("strategy, before, after", [("ddp", 2, 1), ("fsdp", 1, 2)], ids=["ddp-2-to-1", "fsdp-1-to-2"])
+def seen_in_epoch(record: Path, epoch: int = 0) -> list[str]:
+    """The image hashes every process of a probed run trained on in ``epoch``."""
+    return [line.split()[1] for path in sorted(record.parent.glob(record.name + ".[0-9]"))
+            for line in path.read_text().splitlines() if int(line.split()[0]) == epoch]
+
+
+@pytest.mark.parametrize("strategy, before, after", [("ddp", 2, 1), ("fsdp", 1, 2), ("auto", 1, 1)],
+                         ids=["ddp-2-to-1", "fsdp-1-to-2", "same-1"])
 def test_resume_with_another_number_of_processes(tmp_path, strategy, before, after):
     """The resumed fit starts at the saved step with the saved EMA and AdamW state, at the same place in the
-    epoch counted in images (8 batches per process and epoch on 2 processes, 16 on 1), and trains on."""
-    run_dir = tmp_path / "run"
-    first = subprocess.run(CLI + ["train", "tiny", f"run_dir={run_dir}", "trainer.max_steps=5",
-                                  "trainer.checkpoint_every_n_steps=5", "trainer.val_every_n_steps=100",
-                                  *processes(before, strategy), "--no-progress"],
-                           env=cli_env(), capture_output=True, text=True, timeout=300)
+    epoch counted in images (8 batches per process and epoch on 2 processes, 16 on 1), and goes on with the
+    epoch's unseen images: over the interrupted epoch every training image is seen, once, but for the odd
+    batch a 1 -> 2 resume cannot split (256 images, batches of 16)."""
+    run_dir, probe = tmp_path / "run", tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    first_record, second_record = tmp_path / "first" / "seen", tmp_path / "second" / "seen"
+    first_record.parent.mkdir()
+    second_record.parent.mkdir()
+    first = subprocess.run([sys.executable, str(probe), "train", "tiny", f"run_dir={run_dir}", "trainer.max_steps=5",
+                            "trainer.checkpoint_every_n_steps=5", "trainer.val_every_n_steps=100",
+                            *processes(before, strategy), "--no-progress"],
+                           env=dict(cli_env(), PROBE_OUT=str(tmp_path / "first.pt"), RECORD_OUT=str(first_record)),
+                           capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] == 5 and saved["world_size"] == before
-    probe = tmp_path / "probe.py"
-    probe.write_text(PROBE)
-    resumed = subprocess.run([sys.executable, str(probe), "train", "--resume", str(run_dir), "trainer.max_steps=7",
+    resumed_at = 5 * before // after  # batches per process of the epoch done, counted for `after` processes
+    end_of_epoch = 5 + 16 // after - resumed_at
+    resumed = subprocess.run([sys.executable, str(probe), "train", "--resume", str(run_dir),
+                              f"trainer.max_steps={end_of_epoch}",
                               *processes(after, strategy if after > 1 else "auto"), "--no-progress"],
-                             env=dict(cli_env(), PROBE_OUT=str(tmp_path / "start.pt")),
+                             env=dict(cli_env(), PROBE_OUT=str(tmp_path / "start.pt"), RECORD_OUT=str(second_record)),
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "not resumable" not in resumed.stderr
     start = torch.load(tmp_path / "start.pt", weights_only=True)
     assert start["step"] == 5 and start["epoch"] == saved["epoch"] == 0
     assert start["batches_per_epoch"] == 16 // after
-    assert start["batches_in_epoch"] * after == 5 * before - (5 * before) % after  # the same images, whole batches
+    assert start["batches_in_epoch"] == resumed_at  # the same images, whole batches
     ema = {k: v for k, v in saved["state_dict"].items() if k.startswith("ema.")}
     assert start["ema"].keys() == ema.keys()
     for key, value in ema.items():
@@ -215,7 +252,14 @@ def test_resume_with_another_number_of_processes(tmp_path, strategy, before, aft
         for name, value in state.items():
             torch.testing.assert_close(start["adam"][index][name], value, rtol=0, atol=0)
     summary = json.loads((run_dir / "train_summary.json").read_text())
-    assert (summary["resumed_from_step"], summary["global_step"], summary["world_size"]) == (5, 7, after)
+    assert (summary["resumed_from_step"], summary["global_step"], summary["world_size"]) == (5, end_of_epoch, after)
+    # the data position: the two fits together trained on the whole split in epoch 0
+    before_seen, after_seen = seen_in_epoch(first_record), seen_in_epoch(second_record)
+    assert len(before_seen) == 5 * before * 16 and len(after_seen) == (16 // after - resumed_at) * after * 16
+    everything = (tmp_path / "first" / "seen.all").read_text().split()
+    assert len(everything) == len(set(everything)) == 256
+    assert set(before_seen) | set(after_seen) == set(everything)
+    assert len(before_seen) + len(after_seen) - 256 == 5 * before * 16 - resumed_at * after * 16
 
 
 def test_activation_checkpointing_recomputes_each_block_with_the_same_gradients():

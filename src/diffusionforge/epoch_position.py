@@ -16,12 +16,14 @@ to ``floor(n * W / W')`` so the epoch still ends after one pass over the data
 2 of 8, the odd batch's images counted as not yet seen). Step, epoch, EMA,
 optimiser and learning-rate schedule carry over unchanged.
 
-What the images of the rest of that epoch are is Lightning's: it does not
-fast-forward a map-style sampler, so they are the first images of the
-epoch's order (the same order for any W: DistributedSampler shuffles with
-seed + epoch and deals the permutation out rank by rank), and the next
-epoch starts afresh. A shard stream (``data.name=shards``) keeps its own
-position in the datamodule's state and is left alone here.
+Lightning does not fast-forward a map-style sampler: it restarts the epoch's
+loader. So every resume, with W' = W too, tells the datamodule how many
+images of the epoch's order are done (``ImageDataModule.resume_epoch``:
+``n' * W' * B`` with n' the rescaled count), and its ``EpochOrder`` (the
+same permutation for any W, seeded by seed and epoch) moves them to the end:
+the batches still owed are the epoch's unseen images. A shard stream
+(``data.name=shards``) keeps its own position in the datamodule's state and
+is left alone here.
 """
 
 from __future__ import annotations
@@ -49,14 +51,27 @@ def rescale_epoch_position(checkpoint: dict, saved_world: int, world: int) -> No
         current[counter] += shift
 
 
+def images_done(checkpoint: dict, world: int, batch_size: int) -> int:
+    """Images of the current epoch's order that ``world`` processes of ``batch_size`` have trained on, by the
+    checkpoint's (rescaled) batch count."""
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get(BATCH_PROGRESS)
+    return progress["current"]["processed"] * world * batch_size if progress else 0
+
+
 class EpochPosition(L.Callback):
-    """Writes the world size into each checkpoint; rescales the epoch position of one written with another."""
+    """Writes the world size into each checkpoint; on a resume, rescales the epoch position of one written with
+    another and tells the datamodule where in the epoch's order training goes on."""
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         checkpoint[WORLD_SIZE_KEY] = trainer.world_size
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        datamodule = trainer.datamodule
+        if getattr(datamodule, "shards", None) is not None:
+            return  # a shard stream keeps its own position
         saved = checkpoint.get(WORLD_SIZE_KEY)
-        if saved is None or getattr(trainer.datamodule, "shards", None) is not None:
-            return  # an older checkpoint (no record), or a shard stream, which keeps its own position
-        rescale_epoch_position(checkpoint, int(saved), trainer.world_size)
+        if saved is not None:  # an older checkpoint has no record: the same world size
+            rescale_epoch_position(checkpoint, int(saved), trainer.world_size)
+        if hasattr(datamodule, "resume_epoch"):
+            done = images_done(checkpoint, trainer.world_size, datamodule.config.batch_size)
+            datamodule.resume_epoch(int(checkpoint.get("epoch", 0)), done)

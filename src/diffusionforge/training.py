@@ -13,6 +13,7 @@ import importlib.util
 import resource
 import sys
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -101,10 +102,15 @@ def _trainer(config: ExperimentConfig, run_dir: Path, progress: bool) -> L.Train
         logger=make_loggers(t, run_dir),
         callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"),
                    NonFiniteGuard(t.max_nonfinite_steps),  # a diverging run stops before a bad step
-                   EpochPosition()],  # a resume with another number of processes keeps its place in the epoch
+                   EpochPosition()],  # a resumed epoch goes on with its unseen images, for any number of processes
         plugins=[AtomicCheckpointIO()],  # checkpoints: temp file + rename, last-prev.ckpt kept
         enable_progress_bar=progress, enable_model_summary=False,
     )
+
+
+# Lightning warns that a plain DataLoader replays a mid-epoch resume's epoch from its start; ours go on with the
+# epoch's unseen images (EpochPosition with data/epoch_order.py; a shard stream keeps its own position).
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def train(source: Optional[str] = None, overrides: Sequence[str] = (), resume: Optional[str] = None,

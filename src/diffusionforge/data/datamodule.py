@@ -63,6 +63,7 @@ from diffusionforge.data.config import DataConfig
 from diffusionforge.data.folder import FLIPPED_KEYS, ImageFolderDataset, PairedFolderDataset, auto_val_size
 from diffusionforge.data.datasets import build_dataset
 from diffusionforge.data.degradations import PairedDataset
+from diffusionforge.data.epoch_order import EpochOrder
 from diffusionforge.data.stories import StoryDataset, collate_stories
 from diffusionforge.errors import ConfigError
 
@@ -144,6 +145,7 @@ class ImageDataModule(L.LightningDataModule):
         self.latent_cache = None  # data.cache: the LatentCache the training split is read from
         self.shards = None  # data.name=shards: the ShardSet of data.root (shards.py)
         self._shard_position: Optional[dict] = None  # a checkpoint's data position, until the stream exists
+        self._resumed: Optional[tuple[int, int]] = None  # (epoch, images of its order done) of a resumed fit
         if config.name == "shards":
             self._read_shards()
         elif config.from_folder:
@@ -285,13 +287,27 @@ class ImageDataModule(L.LightningDataModule):
                                 strip_frame="random" if split == "train" else "middle")
 
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        """Training: a new order per epoch seeded by (seed, epoch), dealt out to this process, picking a resumed
+        epoch up where it stopped (``epoch_order.py``); evaluation: the dataset's order."""
         workers = self.config.num_workers
         collate = collate_stories if self.config.story is not None else None
+        sampler = None
+        if train:
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            sampler = EpochOrder(len(dataset), self.seed, rank, world)
+            if self._resumed is not None:
+                sampler.resume(*self._resumed)
         return DataLoader(
-            dataset, batch_size=self.config.batch_size, shuffle=train, drop_last=train,
+            dataset, batch_size=self.config.batch_size, sampler=sampler, drop_last=train,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
             collate_fn=collate,
         )
+
+    def resume_epoch(self, epoch: int, done: int) -> None:
+        """A resumed fit: the first ``done`` images of ``epoch``'s training order were trained on already
+        (``epoch_position.EpochPosition``); a shard stream keeps its own position instead."""
+        self._resumed = (epoch, done)
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
