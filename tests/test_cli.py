@@ -73,6 +73,28 @@ def test_unknown_config_key(capsys):
                           "unknown config key 'model.unet.widht'")
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "tiny", "--no-progress", "seed=1", "nonsense_key=1"],
+    ["train", "seed=1", "--no-progress", "nonsense_key=1"],
+    ["cache", "tiny", "--out", "{tmp}/cache", "nonsense_key=1"],
+    ["shard", "tiny", "--out", "{tmp}/shards", "nonsense_key=1"],
+])
+def test_overrides_may_follow_the_options(capsys, tmp_path, argv):
+    """key=value after an option reaches the config (its error names the key), as argparse alone would refuse."""
+    code = main([arg.format(tmp=tmp_path) for arg in argv])
+    assert_one_line_error(code, capsys.readouterr().err, "nonsense_key")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize("argv, word", [(["train", "tiny", "--no-progress", "--bogus"], "--bogus"),
+                                        (["train", "tiny", "--no-progress", "nokey"], "nokey"),
+                                        (["sample", "RUN", "--num", "2", "seed=1"], "seed=1")])
+def test_other_leftovers_are_still_refused(capsys, argv, word):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and f"unrecognized arguments: {word}" in capsys.readouterr().err
+
+
 def test_wrong_value_type(capsys):
     assert_one_line_error(*run_cli(capsys, "train", "tiny", "trainer.max_steps=many"),
                           "trainer.max_steps")

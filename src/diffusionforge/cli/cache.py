@@ -27,11 +27,11 @@ def add_parser(sub) -> None:
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="RUN_OR_CONFIG", help="a latent run directory, a preset name or a YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, before the options (e.g. data.root=...)")
+                   help="config overrides (e.g. data.root=...)")
     p.add_argument("--out", required=True, metavar="DIR", help="the cache folder to write (new, empty or a cache)")
     p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, intermixed="overrides")  # key=value after the options joins them (main.py)
 
 
 def check_out(out: str) -> Path:

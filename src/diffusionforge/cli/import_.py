@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
                        description=DESCRIPTION, epilog=EXAMPLE, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", metavar="SRC", help="diffusers pipeline folder, official DiT .pt, or CompVis SD .ckpt/.safetensors")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="settings of the run's config on top of SRC's, right after SRC, e.g. data.root=DIR "
+                   help="settings of the run's config on top of SRC's, e.g. data.root=DIR "
                         "(evaluate's reference images)")
     p.add_argument("--out", metavar="RUN_DIR", required=True, help="the run directory to write (must not exist or be empty)")
     p.add_argument("--vae", metavar="DIR", default=None, help="diffusers AutoencoderKL folder (official DiT checkpoints)")
@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
     p.add_argument("--num-heads", type=int, default=None, metavar="N",
                    help="attention heads of an official DiT checkpoint of no published size (S/B/L/XL are known)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty RUN_DIR")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, intermixed="overrides")  # key=value after the options joins them (main.py)
 
 
 def run(args: argparse.Namespace) -> int:

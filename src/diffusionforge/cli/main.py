@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.monotonic()  # trainer.time_budget counts from here
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides after an option (`dforge train tiny --no-progress seed=1`) join the command's list
+        dest = getattr(args, "intermixed", None)
+        if dest is None or any(token.startswith("-") or "=" not in token for token in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        setattr(args, dest, [*getattr(args, dest), *extra])
     args.started = started
     try:
         return args.handler(args) or 0

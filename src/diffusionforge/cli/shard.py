@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard (default 1000)")
     p.add_argument("--split", choices=("train", "val", "all"), default="train",
                    help="which split to write (default train)")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, intermixed="overrides")  # key=value after the options joins them (main.py)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
                    help="continue RUN_DIR from checkpoints/last.ckpt (overrides may extend it, "
                         "e.g. trainer.max_steps=6000)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, intermixed="args")  # key=value after the options joins args (main.py)
 
 
 def split_args(args: list[str]) -> tuple[str | None, list[str]]:
