@@ -226,9 +226,10 @@ def test_recorded_class_names_resolve(tiny_model, tmp_path):
     import json
 
     config, _ = tiny_model
-    names = [f"cat{i}" for i in range(9)] + ["dog"]
+    names = [f"cat{i}" for i in range(8)] + ["blue_square", "dog"]
     folder = dataclasses.replace(config, data=dataclasses.replace(config.data, class_names=names))
     assert resolve_class(folder, "Dog") == 9 and resolve_class(folder, "cat2") == 2
+    assert resolve_class(folder, "blue square") == resolve_class(folder, "Blue_Square") == 8  # as captions say it
     with pytest.raises(ConfigError, match="cat0, cat1"):
         resolve_class(folder, "unicorn")
     table = [f"class {i}, synonym {i}" for i in range(10)]

@@ -118,8 +118,8 @@ def class_names(config: ExperimentConfig, run_dir: Optional[Path] = None) -> Opt
 
 
 def class_aliases(config: ExperimentConfig, names: tuple[str, ...]) -> dict[str, int]:
-    """Lower-cased names -> label: the class names, their caption names with and without the article,
-    and the digit words of MNIST."""
+    """Lower-cased names -> label: the class names (with spaces for underscores), their caption names with and
+    without the article, and the digit words of MNIST."""
     from ..data.captions import FAMILY, caption_names
 
     aliases: dict[str, int] = {}
@@ -136,6 +136,8 @@ def class_aliases(config: ExperimentConfig, names: tuple[str, ...]) -> dict[str,
         for synonym in name.split(","):
             if synonym.strip():
                 aliases.setdefault(synonym.strip().lower(), label)
+    for alias, label in list(aliases.items()):  # a folder's "blue_square" as its captions say it: "blue square"
+        aliases.setdefault(alias.replace("_", " "), label)
     return aliases
 
 
