@@ -19,6 +19,7 @@ from diffusionforge.conditioning.text import TextConditioner, TextConditionerCon
 from diffusionforge.config import load_config
 from diffusionforge.data.datamodule import ImageDataModule
 from diffusionforge.data.latent_cache import LATENT_MEAN, LatentCache
+from diffusionforge.errors import ConfigError
 from diffusionforge.tasks import task_of
 from test_autoencoder_run import TINY_VAE, run_cli
 from test_latent_run import TINY_LDM
@@ -196,6 +197,38 @@ def test_missing_or_foreign_caches_are_one_line_errors(made, capsys, argv, messa
     lines = [line for line in err.splitlines() if line.startswith("dforge: error:")]
     assert code == 2 and len(lines) == 1 and message in lines[0], err
     assert not (made["root"] / "no-such-cache").exists()
+
+
+def stack_means(items: list) -> torch.Tensor:
+    return torch.stack([item[LATENT_MEAN] for item in items])
+
+
+def test_the_latents_are_memory_mapped_and_read_by_row(made, tmp_path):
+    """Items read row by row from the mapped file equal the whole tensors' rows, in this process and in
+    DataLoader workers (each opens the file itself, also after pickling); a file without a moment is refused."""
+    import pickle
+    import shutil
+
+    from torch.utils.data import DataLoader
+
+    cache = LatentCache(made["cache"])
+    assert "mean" in cache.latents and len(cache.latents) >= 3
+    mean, std = cache.latents["mean"], cache.latents["std"]
+    dataset = cache.subset(sorted(cache.rows)[:24])
+    item = dataset[5]
+    torch.testing.assert_close(item[LATENT_MEAN], mean[dataset.rows[5]], rtol=0, atol=0)
+    again = pickle.loads(pickle.dumps(cache.latents))
+    torch.testing.assert_close(again.row("std", 7), std[7], rtol=0, atol=0)
+    alone = torch.cat(list(DataLoader(dataset, batch_size=8, collate_fn=stack_means)))
+    workers = torch.cat(list(DataLoader(dataset, batch_size=8, num_workers=2, collate_fn=stack_means)))
+    torch.testing.assert_close(workers, alone, rtol=0, atol=0)
+    torch.testing.assert_close(alone, mean[dataset.rows], rtol=0, atol=0)
+    broken = tmp_path / "broken"
+    shutil.copytree(made["cache"], broken)
+    tensors = load_file(str(broken / "latents.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k != "std"}, str(broken / "latents.safetensors"))
+    with pytest.raises(ConfigError, match="no tensor 'std'"):
+        LatentCache(broken)
 
 
 @pytest.mark.parametrize("settings", [{}, {"output": "vector"}, {"sd_padding": True}])

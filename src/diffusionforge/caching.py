@@ -26,7 +26,7 @@ from .conditioning.text import EMPTY_CAPTION, TextConditioner
 from .config.loader import load_config
 from .config.schema import ExperimentConfig
 from .data.datamodule import ImageDataModule
-from .data.latent_cache import Index, dataset_facts, write_cache
+from .data.latent_cache import LATENTS_INDEX, Index, dataset_facts, write_cache
 from .runs import CONFIG_FILE, FIRST_STAGE_WEIGHTS, open_run
 from .tasks import Task, task_of
 from .tasks.latent_cache import SOURCE, FrozenParts, frozen_parts
@@ -65,7 +65,7 @@ def cache(source: str, out: str | Path, overrides: Sequence[str] = (), batch_siz
                   latent_scale=float(model.first_stage.scale_factor), text=parts.text,
                   tensors=[key for key in latents if key not in MOMENTS],
                   made_from=str(source), seconds=round(seconds, 3))
-    latents["index"] = torch.tensor(train.indices, dtype=torch.int64)
+    latents[LATENTS_INDEX] = torch.tensor(train.indices, dtype=torch.int64)
     directory = write_cache(Path(out), index, latents, text)
     distinct = sum(len(text[key]) for key in text if key.endswith(".hidden"))
     return CacheSummary(directory, len(train), distinct, seconds)

@@ -33,11 +33,12 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -47,14 +48,15 @@ from diffusionforge.data.config import DataConfig
 from diffusionforge.errors import ConfigError
 from diffusionforge.utils.atomic import write_folder_atomically
 
-__all__ = ["FORMAT", "INDEX_FILE", "LATENT_MEAN", "LATENT_STD", "Index", "LatentCache", "LatentCacheDataset",
-           "dataset_facts", "write_cache"]
+__all__ = ["FORMAT", "INDEX_FILE", "LATENTS_INDEX", "LATENT_MEAN", "LATENT_STD", "Index", "LatentCache",
+           "LatentCacheDataset", "MappedTensors", "dataset_facts", "write_cache"]
 
 FORMAT = "diffusionforge-latent-cache"  # index.json "format"
 VERSION = 1
 INDEX_FILE, LATENTS_FILE, TEXT_FILE = "index.json", "latents.safetensors", "text.safetensors"
 LATENT_MEAN, LATENT_STD = "latent_mean", "latent_std"  # batch keys of the stored posterior
 NULL_ROW = 0  # the empty caption's row in every caption table
+LATENTS_INDEX = "index"  # latents.safetensors: each item's position in the training source
 
 
 @dataclass
@@ -73,15 +75,57 @@ class Index:
     version: int = VERSION
 
 
+class MappedTensors(Mapping):
+    """The tensors of a safetensors file, memory-mapped and read on access: ``m[key]`` a whole tensor,
+    ``m.row(key, i)`` row ``i`` of it (a copy of that row only). Each process opens the file for itself, so
+    DataLoader workers share the page cache, not a copy of the data."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handle: Any = None
+        self._pid: Optional[int] = None
+        self._keys = tuple(self._file().keys())
+
+    def _file(self):
+        if self._handle is None or self._pid != os.getpid():
+            try:
+                self._handle = safe_open(str(self.path), framework="pt")
+            except (SafetensorError, OSError) as err:
+                raise ConfigError(f"data.cache: {self.path}: not a readable safetensors file ({err})") from None
+            self._pid = os.getpid()
+        return self._handle
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._keys:
+            raise KeyError(key)
+        return self._file().get_tensor(key)
+
+    def row(self, key: str, i: int) -> Tensor:
+        return self._file().get_slice(key)[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getstate__(self) -> dict:  # a worker started by spawn opens the file itself
+        return {**self.__dict__, "_handle": None, "_pid": None}
+
+
 class LatentCache:
-    """The cache in ``directory``, read whole into memory; a missing or foreign folder is a one-line error."""
+    """The cache in ``directory``: its per-item tensors memory-mapped (``MappedTensors``: a cache larger than
+    memory trains), the caption tables in memory; a missing or foreign folder is a one-line error."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
         self.index = read_index(self.directory)
-        self.latents = _load(self.directory / LATENTS_FILE)
+        self.latents = MappedTensors(self.directory / LATENTS_FILE)
+        missing = [key for key in (LATENTS_INDEX, "mean", "std", *self.index.tensors) if key not in self.latents]
+        if missing:
+            raise ConfigError(f"data.cache: {self.latents.path}: no tensor {missing[0]!r} (not made by dforge cache)")
         self.text = _load(self.directory / TEXT_FILE) if self.index.text else {}
-        self.rows = {int(i): row for row, i in enumerate(self.latents["index"].tolist())}  # source index -> row
+        self.rows = {int(i): row for row, i in enumerate(self.latents[LATENTS_INDEX].tolist())}  # source index -> row
 
     def check(self, what: str, recorded: dict[str, Any], current: dict[str, Any]) -> None:
         """ConfigError naming the first field of ``what`` where the cache's record and the run differ."""
@@ -111,8 +155,8 @@ class LatentCacheDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         row, latents, text = self.rows[i], self.cache.latents, self.cache.text
-        item: dict[str, Any] = {LATENT_MEAN: latents["mean"][row], LATENT_STD: latents["std"][row]}
-        item.update({key: latents[key][row] for key in self.cache.index.tensors})
+        item: dict[str, Any] = {LATENT_MEAN: latents.row("mean", row), LATENT_STD: latents.row("std", row)}
+        item.update({key: latents.row(key, row) for key in self.cache.index.tensors})
         for key in self.cache.index.text:
             hidden, mask, caption = text[f"{key}.hidden"], text[f"{key}.mask"], int(text[f"{key}.row"][row])
             item[key] = cached_captions(hidden[caption], mask[caption], hidden[NULL_ROW], mask[NULL_ROW])
