@@ -134,6 +134,17 @@ def test_the_progress_bar_moves_each_step(runs_dir, tmp_path):
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
 
 
+def test_the_translate_progress_bar_moves_each_step(runs_dir, tmp_path):
+    from diffusionforge.serve.models import ModelCache
+    from diffusionforge.serve.translate import test_input, translate
+
+    cache, calls = ModelCache(runs_dir), []
+    image, hole = test_input(cache, "inpaint", 0)
+    translate(cache, "inpaint", {"background": image, "layers": [hole]}, 3, 0, None, tmp_path,
+              progress=lambda done, desc: calls.append(done))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
 def test_translate_inpaints_a_test_image_with_its_mask(client):
     test = client.predict("inpaint", 3, api_name="/test_image")
     assert len(test["layers"]) == 1

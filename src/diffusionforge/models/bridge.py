@@ -21,7 +21,7 @@ bridge from masked sources) and no guidance.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -116,12 +116,12 @@ class BridgeModel(NetworkModule):
     @torch.no_grad()
     def translate(self, batch: dict, steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
                   use_ema: bool = True, precision: str = "fp32", paste: bool = True,
-                  progress: bool = False) -> Tensor:
+                  progress: bool = False, callback: Optional[Callable] = None) -> Tensor:
         """Translate ``batch[source_key]`` (B, C, H, W) in [-1, 1] to target images (B, C, H, W).
 
         ``steps`` Euler steps (default: the run's ``bridge.steps``); with
         ``paste`` and a hole mask in the batch, pixels outside the hole are
-        the source's.
+        the source's. ``callback(i, t, x)`` after each step (the sampler's).
         """
         steps = self.sample_steps if steps is None else steps
         net = self.sampling_net(use_ema)
@@ -136,7 +136,8 @@ class BridgeModel(NetworkModule):
             if precision == "bf16":
                 denoise = autocast_denoise(denoise, self.device.type)
             walk = sampler_entry("bridge_euler", "bridge").fn  # the registry's one bridge sampler
-            out = walk(denoise, self.bridge, z1, cond, num_steps=steps, generator=generator, progress=progress)
+            out = walk(denoise, self.bridge, z1, cond, num_steps=steps, generator=generator, progress=progress,
+                       callback=callback)
             images = self.first_stage.decode(out.sample).clamp(-1, 1)
         finally:
             net.train(was_training)

@@ -154,10 +154,10 @@ class Page:
         image, hole = test_input(self.cache, run, int(index))
         return {"background": image, "layers": [] if hole is None else [hole], "composite": None}
 
-    def translate(self, run, editor, steps, seed, class_label):
+    def translate(self, run, editor, steps, seed, class_label, progress=gr.Progress()):
         label = optional_number(class_label)
         result = translate(self.cache, run, editor, optional_number(steps), int(seed or 0),
-                           None if label is None else int(label), self.scratch / "inputs")
+                           None if label is None else int(label), self.scratch / "inputs", progress)
         return result.before, result.after
 
     def story(self, run, captions, first_frame, steps, guidance, seed, num, progress=gr.Progress()):

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import ConfigError, DataError
 from .files import mask_file, plain, run_image_file, to_image
+from .generate import Progress, step_reporter
 from .models import ModelCache
 
 
@@ -39,8 +40,9 @@ def editor_parts(value) -> tuple[Optional[object], list]:
 
 
 def translate(cache: ModelCache, run: str, editor, steps: Optional[int], seed: int, class_label: Optional[int],
-              scratch: Path) -> TranslateResult:
-    """Translate the editor's image (its painted pixels: the hole of an inpainting run)."""
+              scratch: Path, progress: Optional[Progress] = None) -> TranslateResult:
+    """Translate the editor's image (its painted pixels: the hole of an inpainting run); ``progress`` moves
+    after each step."""
     from ..tasks.bridge import source_batch, translate_image
     from ..utils.images import to_uint8
 
@@ -54,8 +56,10 @@ def translate(cache: ModelCache, run: str, editor, steps: Optional[int], seed: i
     mask = mask_file(layers, to_image(background).size, scratch)
     batch = source_batch(config, str(image), None if mask is None else str(mask))
     loaded = cache.get(run, "translate")
+    steps = loaded.model.sample_steps if steps is None else int(steps)
     with loaded.lock:
-        after = translate_image(loaded.model, batch, class_label, None if steps is None else int(steps), int(seed))
+        after = translate_image(loaded.model, batch, class_label, steps, int(seed),
+                                callback=step_reporter(progress, steps, "bridge step"))
     before = batch[loaded.model.source_key]
     return TranslateResult(plain(to_uint8(before)[0]), plain(to_uint8(after)[0]))
 

@@ -11,7 +11,7 @@ degraded inputs.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -98,9 +98,10 @@ def source_batch(config: ExperimentConfig, input_path: str, mask_path: Optional[
 
 
 def translate_image(model: BridgeModel, batch: dict, class_label: Optional[int] = None,
-                    steps: Optional[int] = None, seed: int = 0, precision: str = "fp32") -> torch.Tensor:
+                    steps: Optional[int] = None, seed: int = 0, precision: str = "fp32",
+                    callback: Optional[Callable] = None) -> torch.Tensor:
     """The translation (1, C, H, W) in [-1, 1] of ``source_batch``'s batch (with its class, for
-    class-conditional runs)."""
+    class-conditional runs); ``callback(i, t, x)`` after each step."""
     if model.num_classes is not None:
         if class_label is None or not 0 <= class_label < model.num_classes:
             raise ConfigError(f"--class: this run is class-conditional; give a class in 0..{model.num_classes - 1}")
@@ -108,7 +109,7 @@ def translate_image(model: BridgeModel, batch: dict, class_label: Optional[int] 
     elif class_label is not None:
         raise ConfigError("--class given but the run is not class-conditional")
     generator = torch.Generator().manual_seed(seed)
-    return model.translate(batch, steps=steps, generator=generator, precision=precision)
+    return model.translate(batch, steps=steps, generator=generator, precision=precision, callback=callback)
 
 
 class BridgeTask(NetworkTask):
