@@ -52,22 +52,21 @@ def test_the_batches_still_owed_are_the_unseen_images(before, after):
     but the last incomplete batch."""
     size, batch, n = 96, 4, 3
 
-    def batches(world, done=None):
-        samplers = [EpochOrder(size, seed=0, rank=r, world=world) for r in range(world)]
-        for sampler in samplers:
+    def batches(world, done=None) -> list[list[list[int]]]:
+        """Each process's batches of epoch 0 (a resumed one's when ``done`` is given)."""
+        orders = []
+        for rank in range(world):
+            sampler = EpochOrder(size, seed=0, rank=rank, world=world)
             if done is not None:
                 sampler.resume(0, done)
-            sampler.set_epoch(0)
-        return [list(s)[k * batch:(k + 1) * batch] for s in samplers for k in range(len(s) // batch)], samplers
+            orders.append(epoch_of(sampler, 0))
+        return [[order[k * batch:(k + 1) * batch] for k in range(len(order) // batch)] for order in orders]
 
-    first, _ = batches(before)
-    per_process = len(first) // before
-    seen = {i for rank in range(before) for b in first[rank * per_process:rank * per_process + n] for i in b}
+    seen = {i for process in batches(before) for b in process[:n] for i in b}
     resumed_at = n * before // after
-    rest, samplers = batches(after, done=resumed_at * after * batch)
-    owed = len(samplers[0]) // batch - resumed_at
-    per_process = len(rest) // after
-    later = [i for rank in range(after) for b in rest[rank * per_process:rank * per_process + owed] for i in b]
+    rest = batches(after, done=resumed_at * after * batch)
+    owed = len(rest[0]) - resumed_at
+    later = [i for process in rest for b in process[:owed] for i in b]
     assert len(later) == len(set(later)) == owed * after * batch
     assert len(seen & set(later)) == n * before * batch - resumed_at * after * batch  # only an unsplittable batch
     assert size - len(seen | set(later)) < after * batch  # everything but the epoch's tail

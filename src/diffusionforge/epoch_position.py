@@ -1,4 +1,4 @@
-"""A resumed run's position in its epoch when it resumes with another number of processes.
+"""A resumed run's position in its epoch, with the same or another number of processes.
 
 A checkpoint is one consolidated file whatever wrote it (one process, DDP,
 or FSDP gathering its shards on rank 0): the weights, the EMA and AdamW's
@@ -28,10 +28,17 @@ is left alone here.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import lightning as L
 
 WORLD_SIZE_KEY = "world_size"  # in the Lightning checkpoint: the number of processes that wrote it
 BATCH_PROGRESS = "epoch_loop.batch_progress"  # the fit loop's batch counters in checkpoint["loops"]["fit_loop"]
+
+
+def batch_progress(checkpoint: dict) -> Optional[dict]:
+    """The fit loop's batch counters in a Lightning checkpoint (None in one without loops)."""
+    return checkpoint.get("loops", {}).get("fit_loop", {}).get(BATCH_PROGRESS)
 
 
 def rescale_epoch_position(checkpoint: dict, saved_world: int, world: int) -> None:
@@ -41,7 +48,7 @@ def rescale_epoch_position(checkpoint: dict, saved_world: int, world: int) -> No
     batch started but not completed when the checkpoint was written) stay as
     Lightning left them; the run's ``total`` counters are unchanged.
     """
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get(BATCH_PROGRESS)
+    progress = batch_progress(checkpoint)
     if not progress or saved_world == world:
         return
     current = progress["current"]
@@ -54,7 +61,7 @@ def rescale_epoch_position(checkpoint: dict, saved_world: int, world: int) -> No
 def images_done(checkpoint: dict, world: int, batch_size: int) -> int:
     """Images of the current epoch's order that ``world`` processes of ``batch_size`` have trained on, by the
     checkpoint's (rescaled) batch count."""
-    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get(BATCH_PROGRESS)
+    progress = batch_progress(checkpoint)
     return progress["current"]["processed"] * world * batch_size if progress else 0
 
 

@@ -41,7 +41,6 @@ class EpochOrder(DistributedSampler):
 
     def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         super().__init__(range(size), num_replicas=world, rank=rank, shuffle=False, seed=seed, drop_last=False)
-        self.size = size
         self.resumed: Optional[Tuple[int, int]] = None  # (epoch, images of its order already trained on)
 
     def resume(self, epoch: int, done: int) -> None:
@@ -52,9 +51,10 @@ class EpochOrder(DistributedSampler):
         """``epoch``'s permutation of the whole dataset, rotated if it is the resumed epoch."""
         state = np.random.SeedSequence([self.seed, epoch]).generate_state(2, dtype=np.uint32)
         generator = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
-        order = torch.randperm(self.size, generator=generator).tolist()
-        if self.resumed is not None and self.resumed[0] == epoch and self.size:
-            done = self.resumed[1] % self.size
+        size = len(self.dataset)
+        order = torch.randperm(size, generator=generator).tolist()
+        if self.resumed is not None and self.resumed[0] == epoch and size:
+            done = self.resumed[1] % size
             order = order[done:] + order[:done]
         return order
 

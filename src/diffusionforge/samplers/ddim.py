@@ -42,7 +42,7 @@ from diffusionforge.samplers.loop import (
     randn,
     sampling_loop,
 )
-from diffusionforge.samplers.spacing import Spacing, make_timesteps
+from diffusionforge.samplers.spacing import Spacing, make_timesteps, steps_offset_of
 
 
 def _abar(process: GaussianDiffusion, t: int, at_minus_one: float) -> float:
@@ -108,9 +108,8 @@ def scheduler_options(process: GaussianDiffusion) -> tuple[int, float]:
     """``(steps_offset, final_alpha_cumprod)`` of the process config (diffusers' ``steps_offset`` and
     ``set_alpha_to_one``: False lands the last step on ``abar_0``, as Stable Diffusion's scheduler)."""
     config = getattr(process, "config", None)
-    offset = int(getattr(config, "steps_offset", 0))
     final = 1.0 if getattr(config, "set_alpha_to_one", True) else float(process.alphas_cumprod[0])
-    return offset, final
+    return steps_offset_of(process), final
 
 
 def sample_ddim(

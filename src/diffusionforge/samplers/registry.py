@@ -48,8 +48,10 @@ SAMPLERS.update({  # the sigma samplers: any process, through process.denoiser
     "heun": SamplerEntry(registry_sampler(heun), SIGMA_OPTIONS + CHURN_OPTIONS, ALL_OBJECTIVES),
     "dpmpp_2m": SamplerEntry(registry_sampler(dpmpp_2m, multistep=True), SIGMA_OPTIONS, ALL_OBJECTIVES),
     "dpmpp_3m": SamplerEntry(registry_sampler(dpmpp_3m, multistep=True), SIGMA_OPTIONS, ALL_OBJECTIVES),
-    "dpmpp_2m_sde": SamplerEntry(registry_sampler(dpmpp_2m_sde, multistep=True), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
-    "dpmpp_3m_sde": SamplerEntry(registry_sampler(dpmpp_3m_sde, multistep=True), SIGMA_OPTIONS + ("s_noise",), ALL_OBJECTIVES),
+    "dpmpp_2m_sde": SamplerEntry(registry_sampler(dpmpp_2m_sde, multistep=True), SIGMA_OPTIONS + ("s_noise",),
+                                ALL_OBJECTIVES),
+    "dpmpp_3m_sde": SamplerEntry(registry_sampler(dpmpp_3m_sde, multistep=True), SIGMA_OPTIONS + ("s_noise",),
+                                ALL_OBJECTIVES),
     "unipc": SamplerEntry(sample_unipc, SIGMA_OPTIONS, ALL_OBJECTIVES),  # bh2, order 2
 })
 SAMPLERS["flow_euler"] = SamplerEntry(sample_flow_euler, ("clip_denoised",), ("flow",))  # flow time, diffusers' grid

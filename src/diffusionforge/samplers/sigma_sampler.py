@@ -39,7 +39,7 @@ from diffusionforge.samplers.denoiser import Denoiser
 from diffusionforge.samplers.loop import Callback, Cond, DenoiseFn, SampleOutput, StepOutput, walk
 from diffusionforge.samplers.names import ScheduleName
 from diffusionforge.samplers.sigmas import make_sigmas
-from diffusionforge.samplers.spacing import Spacing
+from diffusionforge.samplers.spacing import Spacing, steps_offset_of
 
 # step(x, i, sigma, sigma_next) -> StepOutput: one step of a solver between two levels.
 SigmaStep = Callable[[Tensor, int, float, float], StepOutput]
@@ -89,11 +89,6 @@ class Clamped:
         if name == "denoiser":  # not set yet (copy / unpickle): no recursion
             raise AttributeError(name)
         return getattr(self.denoiser, name)  # sigmas, sigma_min, sigma_max, sigma_to_t, ...
-
-
-def steps_offset_of(process) -> int:
-    """The process config's ``steps_offset`` (diffusers'; 0 where the process has none)."""
-    return int(getattr(getattr(process, "config", None), "steps_offset", 0))
 
 
 def registry_sampler(solver: Solver, multistep: bool = False) -> Callable[..., SampleOutput]:

@@ -36,6 +36,11 @@ from torch import Tensor
 Spacing = Literal["leading", "trailing", "linspace"]
 
 
+def steps_offset_of(process) -> int:
+    """The process config's ``steps_offset`` (diffusers'; 0 where the process has none)."""
+    return int(getattr(getattr(process, "config", None), "steps_offset", 0))
+
+
 def make_timesteps(
     num_train_timesteps: int, num_steps: int, spacing: Spacing = "leading", steps_offset: int = 0,
     multistep: bool = False,
